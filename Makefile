@@ -1,0 +1,39 @@
+# Two commands do all the set-up on a fresh Linux machine with Python >= 3.10:
+#   make demo   - install, train the VAE, train the text-conditioned UNet, sample a grid
+#   make test   - install, run the tests and a quick pass of the benchmark suite
+# Both are idempotent: the install step is skipped while .venv is up to date with pyproject.toml.
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+RUNS   ?= runs
+
+.PHONY: install demo test bench lint clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "Python >= 3.10 is required, found " + sys.version.split()[0]'
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e ".[dev]"
+	@touch $(STAMP)
+
+demo: install
+	$(PY) -m ldm.train_vae --out $(RUNS)/vae
+	$(PY) -m ldm.train_unet --text --vae $(RUNS)/vae --out $(RUNS)/unet
+	$(PY) -m ldm.sample --unet $(RUNS)/unet --vae $(RUNS)/vae --out $(RUNS)/samples/grid.png
+	@echo "pictures: $(RUNS)/samples/grid.png (validation grids and training GIF in $(RUNS)/unet/)"
+
+test: install
+	$(PY) -m pytest tests -q
+
+bench: install
+	$(PY) -m pytest bench --benchmark-only
+
+lint: install
+	$(PY) -m ruff check .
+
+clean:
+	rm -rf $(RUNS) .pytest_cache .benchmarks

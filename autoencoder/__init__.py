@@ -1,0 +1,1 @@
+"""The KL autoencoder that maps images to latents and back, and its training losses."""

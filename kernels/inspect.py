@@ -1,0 +1,60 @@
+"""Compile every kernel and config for sm_80 and sm_90 without a GPU and print what the cubin holds.
+
+    python -m kernels.inspect                # table for both architectures
+    python -m kernels.inspect --arch 90 --kernel attn --json out.json
+
+Columns: registers per thread, local memory per thread (anything above 0 is a spill or a stack
+array), shared memory per program, and the tensor-core instruction counts (HMMA on sm_80, HGMMA
+on sm_90). Exits 1 when any config spills or a matmul kernel has no tensor-core instruction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m kernels.inspect", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 90],
+                        help="compute capabilities to compile for (80 = A100, 90 = H100/H200)")
+    parser.add_argument("--kernel", default="", help="only kernels whose name contains this text")
+    parser.add_argument("--json", default="", help="also write the table to this JSON file")
+    args = parser.parse_args(argv)
+
+    if os.environ.get("TRITON_INTERPRET", "0") == "1":
+        parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled for a GPU")
+
+    from kernels.aot import all_specs, inspect_spec
+
+    specs = [s for s in all_specs() if args.kernel in s.kernel]
+    if not specs:
+        print(f"no kernel matches {args.kernel!r}", file=sys.stderr)
+        return 1
+    header = f"{'kernel':<22} {'config':<40} {'arch':>5} {'regs':>5} {'local':>6} {'smem':>7} {'HMMA':>5} {'HGMMA':>6}  ok"
+    print(header)
+    print("-" * len(header))
+    rows, failed = [], 0
+    for spec in specs:
+        for arch in args.arch:
+            r = inspect_spec(spec, arch)
+            failed += not r.ok
+            print(f"{spec.kernel:<22} {spec.config:<40} sm_{arch:<2} {r.registers:>5} {r.local_bytes:>6} "
+                  f"{r.shared_bytes:>7} {r.hmma:>5} {r.hgmma:>6}  {'yes' if r.ok else 'NO'}", flush=True)
+            rows.append({"kernel": spec.kernel, "config": spec.config, "arch": arch,
+                         "registers": r.registers, "local_bytes": r.local_bytes,
+                         "shared_bytes": r.shared_bytes, "hmma": r.hmma, "hgmma": r.hgmma,
+                         "uses_dot": spec.uses_dot, "ok": r.ok})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    if failed:
+        print(f"{failed} config(s) spill or miss tensor cores", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

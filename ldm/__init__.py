@@ -1,0 +1,1 @@
+"""Latent diffusion: UNet, schedules, samplers, text encoder, data, and the entry points."""

@@ -1,0 +1,29 @@
+"""Test session set-up: Triton runs through its CPU interpreter, seeds are fresh and printed."""
+
+import os
+
+# Must happen before anything imports triton: @triton.jit reads it when a kernel is defined.
+os.environ["TRITON_INTERPRET"] = "1"
+
+import random  # noqa: E402
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+SESSION_SEED = int(os.environ.get("LDM_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+def pytest_report_header(config):
+    return f"ldm test seed: {SESSION_SEED} (LDM_TEST_SEED={SESSION_SEED} replays this run)"
+
+
+@pytest.fixture
+def seed(request) -> int:
+    """A fresh seed per test and run, derived from the session seed and the test's id; printed,
+    so a failure shows it, and torch's generator is seeded with it."""
+    s = (SESSION_SEED + zlib.crc32(request.node.nodeid.encode())) % 2**31
+    print(f"seed={s} (session seed {SESSION_SEED})")
+    torch.manual_seed(s)
+    random.seed(s)
+    return s

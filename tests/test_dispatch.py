@@ -1,0 +1,142 @@
+"""The dispatch layer and the PyTorch paths of both kernels, against float64 references."""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from kernels.dispatch import requested_backend, resolve_backend
+
+
+def attention_ref(q, k, v, scale, key_lengths=None):
+    """float64 softmax(q k^T scale) v, q (B, Nq, H, D)."""
+    q, k, v = (t.double() for t in (q, k, v))
+    s = torch.einsum("bqhd,bkhd->bhqk", q, k) * scale
+    if key_lengths is not None:
+        keep = torch.arange(k.shape[1])[None, :] < key_lengths[:, None]  # (B, Nk)
+        s = s.masked_fill(~keep[:, None, None, :], -math.inf)
+    return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+
+def test_auto_picks_torch_on_cpu(monkeypatch):
+    for var in ("LDM_BACKEND", "LDM_ATTENTION_BACKEND", "LDM_GROUPNORM_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    x = torch.zeros(1)
+    assert resolve_backend("attention", "auto", x) == "torch"
+    assert resolve_backend("groupnorm", "auto", x) == "torch"
+
+
+def test_environment_and_context_precedence(monkeypatch):
+    monkeypatch.setenv("LDM_BACKEND", "torch")
+    monkeypatch.setenv("LDM_ATTENTION_BACKEND", "triton")
+    assert requested_backend("attention") == "triton"  # per-op variable beats the global one
+    assert requested_backend("groupnorm") == "torch"
+    with kernels.use_backend("torch", ops=("attention",)):
+        assert requested_backend("attention") == "torch"  # a use_backend block beats the environment
+        assert requested_backend("attention", "triton") == "triton"  # an explicit argument beats all
+    assert requested_backend("attention") == "triton"  # restored after the block
+    monkeypatch.setenv("LDM_BACKEND", "cuda-magic")
+    with pytest.raises(ValueError, match="LDM_BACKEND"):
+        requested_backend("groupnorm")
+
+
+def test_bad_backend_names_and_unavailable_backends():
+    x = torch.zeros(1)
+    with pytest.raises(ValueError, match="unknown backend"):
+        resolve_backend("attention", "cudnn", x)
+    with pytest.raises(ValueError, match="unknown op"):
+        resolve_backend("softmax", "auto", x)
+    if not kernels.xformers_available():
+        with pytest.raises(RuntimeError, match="xformers"):
+            resolve_backend("attention", "xformers", x)
+
+
+@pytest.mark.parametrize("Nq,Nk,H,D,masked", [(1, 1, 1, 16, False), (77, 77, 2, 40, False),
+                                              (33, 77, 3, 80, True), (64, 5, 1, 160, True)])
+def test_torch_attention_matches_float64(seed, Nq, Nk, H, D, masked):
+    B = 3
+    q, k, v = torch.randn(B, Nq, H, D), torch.randn(B, Nk, H, D), torch.randn(B, Nk, H, D)
+    lengths = torch.randint(1, Nk + 1, (B,)) if masked else None
+    out = kernels.attention(q, k, v, key_lengths=lengths, backend="torch")
+    assert out.shape == (B, Nq, H, D)
+    ref = attention_ref(q, k, v, 1 / math.sqrt(D), lengths)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_accepts_strided_views_of_a_fused_projection(seed):
+    B, N, H, D = 2, 19, 4, 24
+    qkv = torch.randn(B, N, 3 * H * D)
+    q, k, v = qkv.view(B, N, 3, H, D).unbind(2)  # (B, N, H, D) views, no copies
+    assert not q.is_contiguous()
+    out = kernels.attention(q, k, v, scale=0.3)
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v, 0.3), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make, message", [
+    (lambda: (torch.randn(2, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)), "batch"),
+    (lambda: (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)), "heads"),
+    (lambda: (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2, 16)), "head dim"),
+    (lambda: (torch.randn(1, 4, 1, 320), torch.randn(1, 4, 1, 320), torch.randn(1, 4, 1, 320)), "exceeds 256"),
+    (lambda: (torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8).half(), torch.randn(1, 4, 1, 8)), "dtype"),
+    (lambda: (torch.randn(4, 1, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)), "4-D"),
+    (lambda: (torch.randn(1, 4, 1, 8), torch.randn(1, 5, 1, 8), torch.randn(1, 6, 1, 8)), "same shape"),
+])
+def test_attention_bad_calls_name_the_tensors(make, message):
+    q, k, v = make()
+    with pytest.raises(ValueError, match=message):
+        kernels.attention(q, k, v)
+
+
+def test_attention_bad_key_lengths():
+    q = torch.randn(2, 4, 1, 8)
+    with pytest.raises(ValueError, match="key_lengths must have shape"):
+        kernels.attention(q, q, q, key_lengths=torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="integers"):
+        kernels.attention(q, q, q, key_lengths=torch.tensor([1.0, 2.0]))
+
+
+def groupnorm_ref(x, G, w, b, eps, silu, shift=None):
+    x = x.double()
+    if shift is not None:
+        x = x + shift.double()[:, :, None, None]
+    y = F.group_norm(x, G, w.double(), b.double(), eps)
+    return F.silu(y) if silu else y
+
+
+@pytest.mark.parametrize("B,C,G,H,W", [(2, 20, 2, 7, 9), (1, 320, 32, 1, 1), (3, 40, 1, 4, 4)])
+@pytest.mark.parametrize("silu", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_torch_group_norm_matches_float64(seed, B, C, G, H, W, silu, channels_last):
+    x = torch.randn(B, C, H, W) * 3 + 1
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b, shift = torch.randn(C), torch.randn(C), torch.randn(B, C)
+    y = kernels.group_norm(x, G, w, b, 1e-5, silu=silu, shift=shift, backend="torch")
+    torch.testing.assert_close(y.double(), groupnorm_ref(x, G, w, b, 1e-5, silu, shift), atol=1e-5, rtol=1e-5)
+
+
+def test_group_norm_module_shares_nn_groupnorm_state_dict(seed):
+    ref = nn.GroupNorm(8, 32)
+    nn.init.normal_(ref.weight)
+    nn.init.normal_(ref.bias)
+    ours = kernels.GroupNormSiLU(8, 32, silu=False)
+    ours.load_state_dict(ref.state_dict())
+    assert set(ours.state_dict()) == {"weight", "bias"}
+    x = torch.randn(2, 32, 5, 5)
+    torch.testing.assert_close(ours(x), ref(x))
+    ref.load_state_dict(kernels.GroupNormSiLU(8, 32).state_dict())  # and the other way round
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: kernels.group_norm(torch.randn(2, 30, 4, 4), 4), "not divisible"),
+    (lambda: kernels.group_norm(torch.randn(2, 32, 4, 4), 4, torch.ones(16)), "weight must have shape"),
+    (lambda: kernels.group_norm(torch.ones(2, 32, 4, 4, dtype=torch.int32), 4), "floating point"),
+    (lambda: kernels.group_norm(torch.randn(2, 32, 4, 4), 4, shift=torch.randn(32)), "shift must have shape"),
+    (lambda: kernels.GroupNormSiLU(5, 32), "not divisible"),
+])
+def test_group_norm_bad_calls(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
