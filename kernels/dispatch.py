@@ -39,13 +39,13 @@ def _check_name(backend: str, where: str) -> str:
     return backend
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_available() -> bool:
     """True when Triton imports (it ships with Linux builds of PyTorch)."""
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def xformers_available() -> bool:
     """True when xformers imports and a CUDA device exists (xformers has no CPU kernels)."""
     if importlib.util.find_spec("xformers") is None or not torch.cuda.is_available():

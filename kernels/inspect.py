@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
     if not specs:
         print(f"no kernel matches {args.kernel!r}", file=sys.stderr)
         return 1
-    header = f"{'kernel':<22} {'config':<40} {'arch':>5} {'regs':>5} {'local':>6} {'smem':>7} {'HMMA':>5} {'HGMMA':>6}  ok"
+    header = (f"{'kernel':<22} {'config':<40} {'arch':>5} {'regs':>5} {'local':>6} {'smem':>7} "
+              f"{'HMMA':>5} {'HGMMA':>6}  ok")
     print(header)
     print("-" * len(header))
     rows, failed = [], 0
