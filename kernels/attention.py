@@ -121,6 +121,22 @@ if triton_available():
         return tl.dot(a, b, acc, input_precision="ieee")
 
     @_device_fn
+    def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 x rounded to nearest in dtype, as a GPU converts. Under the interpreter (UPCAST) the
+        result stays an fp32 that holds the rounded value, since the interpreter truncates fp32 ->
+        bf16 (a GPU rounds to nearest even): Veltkamp's split c - (c - x), c = x * (2**16 + 1),
+        rounds an fp32 to its 8 leading significant bits, which is bf16's precision."""
+        if UPCAST:
+            if dtype == tl.bfloat16:
+                c = x * 65537.0
+                x = c - (c - x)
+            else:
+                x = x.to(dtype).to(tl.float32)
+        else:
+            x = x.to(dtype)
+        return x
+
+    @_device_fn
     def _tile_ptrs(Base, rows, stride_row, offs_d, stride_d, ALIGNED: tl.constexpr):
         """Pointers to the (rows, BLOCK_D) tile of a (N, D) slice. With ALIGNED (the launcher has
         checked that every row starts on a 16-byte boundary) the compiler is told so: loads and
@@ -208,7 +224,7 @@ if triton_available():
             p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), fp32
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(_tile_ptrs(V, n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
-            acc = _mma(p.to(v.dtype), v, acc * alpha[:, None], UPCAST)
+            acc = _mma(_round(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], UPCAST)
             m_i = m_new
 
         # A batch whose key_lengths is 0 has no valid key: output 0, logsumexp -inf.
@@ -216,7 +232,8 @@ if triton_available():
         l_safe = tl.where(has_keys, l_i, 1.0)
         out = acc / l_safe[:, None]
         lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
-        tl.store(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), out.to(Out.dtype.element_ty),
+        out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
+        tl.store(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), out,
                  mask=m_ok[:, None] & d_ok[None, :])
         tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=m_ok)
 
@@ -315,19 +332,19 @@ if triton_available():
             pT = tl.math.exp2(sT - lse2[None, :])  # (BLOCK_N, BLOCK_M), P transposed
             pT = tl.where(n_ok[:, None], pT, 0.0)  # padded keys get no weight, hence no gradient
             do = tl.load(_tile_ptrs(DOut, m, stride_don, offs_d, stride_dod, ALIGNED), mask=qd_mask, other=0.0)
-            dv = _mma(pT.to(do.dtype), do, dv, UPCAST)  # dV += P^T dO
+            dv = _mma(_round(pT, DOut.dtype.element_ty, UPCAST), do, dv, UPCAST)  # dV += P^T dO
             delta = tl.load(Delta + m, mask=m_ok, other=0.0)
             dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)  # (V dO^T)
             dsT = pT * (dpT - delta[None, :])  # dS^T = P^T * (dP^T - delta)
-            dk = _mma(dsT.to(q.dtype), q, dk, UPCAST)  # dK += dS^T Q (scale applied below)
+            dk = _mma(_round(dsT, Q.dtype.element_ty, UPCAST), q, dk, UPCAST)  # dK += dS^T Q (scaled below)
 
         DK = _head(DK + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
         DV = _head(DV + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
         out_mask = (offs_n < Nk)[:, None] & d_ok[None, :]  # padded keys get their zero gradients written too
         tl.store(_tile_ptrs(DK, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
-                 (dk * sm_scale).to(DK.dtype.element_ty), mask=out_mask)
+                 _round(dk * sm_scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=out_mask)
         tl.store(_tile_ptrs(DV, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
-                 dv.to(DV.dtype.element_ty), mask=out_mask)
+                 _round(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty), mask=out_mask)
 
     @triton.jit
     def _attn_bwd_dq_kernel(
@@ -388,10 +405,10 @@ if triton_available():
             p = tl.where(n_ok[None, :], p, 0.0)
             dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)  # dO V^T
             ds = p * (dp - delta[:, None])
-            dq = _mma(ds.to(k.dtype), k, dq, UPCAST)  # dQ += dS K (scale applied below)
+            dq = _mma(_round(ds, K.dtype.element_ty, UPCAST), k, dq, UPCAST)  # dQ += dS K (scaled below)
 
         tl.store(_tile_ptrs(DQ, offs_m, stride_dqn, offs_d, stride_dqd, ALIGNED),
-                 (dq * sm_scale).to(DQ.dtype.element_ty), mask=qd_mask)
+                 _round(dq * sm_scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=qd_mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -432,7 +449,8 @@ CONFIGS: dict[int, AttentionConfig] = {
 PREPROCESS_ELEMENTS = 4096  # elements of O (and dO) per preprocess program: 32 per thread at 4 warps
 PREPROCESS_WARPS = 4
 DEFAULT_SM_COUNT = 132  # streaming multiprocessors assumed when no GPU says otherwise (H100 SXM)
-MIN_Q_BLOCKS_PER_SPLIT = 4  # a dK/dV program that splits the queries still streams at least this many blocks
+MIN_Q_BLOCKS_PER_SPLIT = 8  # a dK/dV program that splits the queries streams at least this many blocks,
+# so the queries it reads (8 x BLOCK_M rows of Q and dO) outweigh the fp32 partial sums it writes
 
 
 def block_d(head_dim: int) -> int:
@@ -478,14 +496,17 @@ def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     return GPU_DTYPES if device.type == "cuda" else INTERPRETER_DTYPES
 
 
-def _check_triton_call(q: torch.Tensor, k: torch.Tensor) -> None:
+def _check_triton_call(**tensors: torch.Tensor) -> None:
+    """The dtype is one the kernels take here, and within one (batch, head) slice of every
+    (B, N, H, D) tensor the offsets n * stride_n + d * stride_d fit in int32."""
+    q = tensors["q"]
     dtypes = triton_dtypes(q.device)
     if q.dtype not in dtypes:
         names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
         raise ValueError(f"attention: the Triton kernels take {names} on {q.device.type}, got {q.dtype} "
                          f"for q ({_shape(q)}); use backend='torch'")
-    for name, t in (("q", q), ("k", k)):
-        reach = sum((n - 1) * abs(s) for n, s in zip(t.shape[1:], t.stride()[1:], strict=True))
+    for name, t in tensors.items():
+        reach = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
         if reach > INT32_MAX:
             raise ValueError(f"attention: one (batch, head) slice of {name} ({_shape(t)}, strides "
                              f"{t.stride()}) spans more than 2**31 elements")
@@ -522,6 +543,11 @@ def _key_lengths_i32(key_lengths: torch.Tensor | None) -> torch.Tensor | None:
     return key_lengths.to(torch.int32).contiguous()
 
 
+def _upcast(dtype: torch.dtype) -> bool:
+    """Widen 16-bit dot operands to fp32, only under the interpreter (see _mma)."""
+    return triton_interpreted() and dtype != torch.float32
+
+
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                       key_lengths: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
                       lse: torch.Tensor | None = None,
@@ -533,10 +559,10 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     ``out`` and ``lse`` may be given (contiguous) to be written in place; ``config`` overrides the table.
     """
     check_attention_inputs(q, k, v, key_lengths)
-    _check_triton_call(q, k)
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     out = _out_buffer("out", out, (B, Nq, H, D), q.dtype, q.device)
+    _check_triton_call(q=q, k=k, v=v, out=out)
     lse = _out_buffer("lse", lse, (B, H, Nq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
@@ -553,11 +579,6 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     return out, lse
 
 
-def _upcast(dtype: torch.dtype) -> bool:
-    """Widen 16-bit dot operands to fp32, only under the interpreter (see _mma)."""
-    return triton_interpreted() and dtype != torch.float32
-
-
 def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                        out: torch.Tensor, lse: torch.Tensor, scale: float,
                        key_lengths: torch.Tensor | None = None, *, dq: torch.Tensor | None = None,
@@ -571,7 +592,6 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     ``config`` overrides the table, ``splits`` the number of query ranges per key block of dK/dV.
     """
     check_attention_inputs(q, k, v, key_lengths)
-    _check_triton_call(q, k)
     B, Nq, H, D = q.shape
     Nk = k.shape[1]
     for name, t in (("dout", dout), ("out", out)):
@@ -583,6 +603,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dk = _out_buffer("dk", dk, tuple(k.shape), k.dtype, k.device)
     dv = _out_buffer("dv", dv, tuple(v.shape), v.dtype, v.device)
     delta = _out_buffer("delta", delta, (B, H, Nq), torch.float32, q.device)
+    _check_triton_call(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
     if dk.numel() == 0:
         return dq, dk, dv
     if Nq == 0:  # no query looks at any key
@@ -614,9 +635,9 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dk_part, dv_part),
         UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
     )
-    if splits > 1:
-        torch.sum(dk_part, dim=0, out=dk) if dk.dtype == torch.float32 else dk.copy_(dk_part.sum(0))
-        torch.sum(dv_part, dim=0, out=dv) if dv.dtype == torch.float32 else dv.copy_(dv_part.sum(0))
+    if splits > 1:  # add the fp32 partial sums, written straight in the outputs' dtype
+        torch.sum(dk_part, dim=0, out=dk)
+        torch.sum(dv_part, dim=0, out=dv)
 
     c = cfg.dq
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, c.block_m) * B * H,)](

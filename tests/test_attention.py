@@ -42,14 +42,16 @@ def _one_blas_thread():
 
 # Tolerances, as a fraction of the largest reference value of each output (see assert_close_scaled).
 # The reference takes the same rounded inputs, so what remains is the kernel's own rounding:
-#  - fp32: the interpreter multiplies exactly and accumulates in fp32 (~1e-7 per op, sums of a few
-#    hundred terms): 2e-5.
+#  - fp32: the interpreter multiplies exactly and accumulates in fp32 (6e-8 per op over sums of a
+#    few hundred terms); dS = P * (dP - delta) cancels, which amplifies that in dq, dk: 1e-4.
 #  - fp16 (11-bit significand, 4.9e-4 per rounding): P and dS are rounded to fp16 before their
-#    products and the result once more: a few roundings, 5e-3.
-#  - bf16 (8-bit significand, 3.9e-3 per rounding): the same roundings, 3e-2.
-# The logsumexp comes out of fp32 scores in every dtype: 2e-5 absolute plus relative.
-TOL = {torch.float32: 2e-5, torch.float16: 5e-3, torch.bfloat16: 3e-2}
-LSE_TOL = 2e-5
+#    products, and the result once more: 5e-3.
+#  - bf16 (8-bit significand, 3.9e-3 per rounding): the same roundings: 3e-2.
+# The logsumexp comes out of fp32 scores in every dtype: 1e-5 absolute plus relative.
+# The worst errors seen over 150 to 230 random cases of the fuzz distribution: fp32 2.5e-5 (dk), fp16
+# 1.5e-3 (dk), bf16 1.2e-2 (dk), logsumexp 1.3e-6: each tolerance keeps a margin of 2.5x or more.
+TOL = {torch.float32: 1e-4, torch.float16: 5e-3, torch.bfloat16: 3e-2}
+LSE_TOL = 1e-5
 
 
 def reference(q, k, v, scale, key_lengths, dout):
@@ -184,24 +186,26 @@ def test_split_queries_of_the_dkdv_kernel(seed, splits):
 
 def test_split_policy():
     # cross-attention against 77 tokens: 1 key block x 16 (batch, head) fills 16 of 132 SMs -> split
-    assert q_splits(n_key_blocks=1, n_query_blocks=64, batch_heads=16, sm_count=132) == 9
-    # never fewer than MIN_Q_BLOCKS_PER_SPLIT query blocks per program
-    assert q_splits(n_key_blocks=1, n_query_blocks=8, batch_heads=16, sm_count=132) == 2
-    assert q_splits(n_key_blocks=1, n_query_blocks=3, batch_heads=1, sm_count=132) == 1
+    assert q_splits(n_key_blocks=1, n_query_blocks=256, batch_heads=16, sm_count=132) == 9
+    # never fewer than MIN_Q_BLOCKS_PER_SPLIT (8) query blocks per program
+    assert q_splits(n_key_blocks=1, n_query_blocks=64, batch_heads=16, sm_count=132) == 8
+    assert q_splits(n_key_blocks=1, n_query_blocks=16, batch_heads=16, sm_count=132) == 2
+    assert q_splits(n_key_blocks=1, n_query_blocks=7, batch_heads=1, sm_count=132) == 1
     # self-attention N = 4096: 32 key blocks x 16 already fill the GPU
     assert q_splits(n_key_blocks=32, n_query_blocks=64, batch_heads=16, sm_count=132) == 1
 
 
+@pytest.mark.slow
 def test_fuzz(seed):
     """At least 50 random cases per run: lengths, head dim, dtype, layout, mask; forward and backward."""
     rng = random.Random(seed)
     dtypes = [torch.float32, torch.float16, torch.bfloat16]
     for i in range(50):
-        B, H = rng.randint(1, 3), rng.randint(1, 3)
-        Nq, Nk = rng.choice([1, 2, 17, 64, 77, 100, 129]), rng.choice([1, 3, 16, 33, 77, 128, 140])
+        B, H = rng.randint(1, 2), rng.randint(1, 2)
+        Nq, Nk = rng.choice([1, 2, 17, 64, 77, 100]), rng.choice([1, 3, 16, 33, 65, 77, 130])
         D = rng.choice([16, 24, 32, 40, 48, 64, 72, 80, 96, 128, 160, 256])
-        if D > 128:  # keep the interpreter quick: few keys for the widest tiles
-            Nq, Nk = min(Nq, 70), min(Nk, 70)
+        if D > 128:  # keep the interpreter quick: fewer rows for the widest tiles
+            Nq, Nk = min(Nq, 40), min(Nk, 70)
         dtype = rng.choice(dtypes)
         layout = rng.choice(["contiguous", "heads_first", "unaligned"] + (["fused_qkv"] if Nq == Nk else []))
         lengths = torch.tensor([rng.randint(1, Nk) for _ in range(B)]) if rng.random() < 0.5 else None
