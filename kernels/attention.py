@@ -622,22 +622,23 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     if splits is None:
         splits = q_splits(n_blocks, triton.cdiv(Nq, c.block_m), B * H, _sm_count(q.device))
     if splits == 1:  # each program owns its keys: write dK, dV straight into the outputs
-        dk_part, dv_part, split_stride = dk, dv, 0
+        dk_part, dv_part, part_strides = dk, dv, (0, *dk.stride())
     else:  # each program sums over its range of queries: fp32 partials, added below
-        dk_part = torch.empty((splits, *k.shape), dtype=torch.float32, device=k.device)
-        dv_part = torch.empty_like(dk_part)
-        split_stride = dk_part.stride(0)
+        parts = torch.empty((2, splits, *k.shape), dtype=torch.float32, device=k.device)
+        dk_part, dv_part = parts.unbind(0)  # (splits, B, Nk, H, D) each
+        part_strides = dk_part.stride()
     _attn_bwd_dkdv_kernel[(n_blocks * splits * B * H,)](
         q, k, v, dout, lse, delta, dk_part, dv_part, kl,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), split_stride, *dk.stride(),
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *part_strides,
         H, Nq, Nk, splits, scale * LOG2E, scale,
         HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dk_part, dv_part),
         UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
     )
-    if splits > 1:  # add the fp32 partial sums, written straight in the outputs' dtype
-        torch.sum(dk_part, dim=0, out=dk)
-        torch.sum(dv_part, dim=0, out=dv)
+    if splits > 1:  # add the partials in fp32 (sum(out=bf16) would round them first), then round once
+        sums = parts.sum(1)  # (2, B, Nk, H, D)
+        dk.copy_(sums[0])
+        dv.copy_(sums[1])
 
     c = cfg.dq
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, c.block_m) * B * H,)](
