@@ -304,6 +304,15 @@ def test_autograd_through_attention(seed, layout):
         assert_close_scaled("grad", g, r, torch.float32)
 
 
+def test_backward_of_a_sum_gets_an_expanded_gradient(seed):
+    """out.sum().backward() hands the backward a dO with zero strides: read as any other stride."""
+    q, k, v = (t.requires_grad_() for t in make_qkv(2, 30, 45, 2, 16, torch.float32, "contiguous"))
+    kernels.attention(q, k, v, key_lengths=torch.tensor([45, 3]), backend="triton").sum().backward()
+    _, _, r_dq, r_dk, r_dv = reference(q, k, v, 0.25, torch.tensor([45, 3]), torch.ones(q.shape))
+    for name, got, ref in (("dq", q.grad, r_dq), ("dk", k.grad, r_dk), ("dv", v.grad, r_dv)):
+        assert_close_scaled(name, got, ref, torch.float32)
+
+
 def test_attention_module(seed):
     """The Attention module: self (fused QKV projection) and cross (with padded context), float64 check."""
     dim, heads, ctx_dim = 64, 4, 24
