@@ -5,20 +5,34 @@ projection produces with ``.view(B, N, H, D)``, any strides. ``key_lengths`` (``
 marks the first ``key_lengths[b]`` keys of batch ``b`` as valid; the rest (padded text tokens)
 get no weight.
 
-Chain: Triton kernels -> launchers -> ``AttentionFunction`` -> ``attention()``; the dispatch in
-``kernels.dispatch`` picks Triton on CUDA and PyTorch's ``scaled_dot_product_attention`` elsewhere.
+The Triton path is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster Attention with Better
+Parallelism and Work Partitioning", 2023): a tile of queries stays on chip while blocks of keys and
+values stream past it, with an online softmax (running max and sum in fp32, exp2 with the scale
+folded into log2 e); the logsumexp is saved, and the backward recomputes the probabilities from it.
+The notes in ``kernels/attention.md`` give the algorithm, the config table and the roofline.
+
+Chain: ``_attn_fwd_kernel`` -> ``attention_forward`` and ``_attn_bwd_*_kernel`` ->
+``attention_backward`` -> ``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
+dispatch in ``kernels.dispatch`` picks Triton on CUDA and PyTorch's ``scaled_dot_product_attention``
+elsewhere.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import resolve_backend
+from kernels.dispatch import requested_backend, resolve_backend, triton_available, triton_interpreted
 
 MAX_HEAD_DIM = 256
+GPU_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernels take on a GPU
+INTERPRETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # and through the interpreter
+LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
+INT32_MAX = 2**31 - 1
 
 
 def _shape(t: torch.Tensor) -> str:
@@ -67,6 +81,598 @@ def key_padding_mask(key_lengths: torch.Tensor, n_keys: int) -> torch.Tensor:
     return torch.arange(n_keys, device=key_lengths.device)[None, :] < key_lengths[:, None]
 
 
+# ----------------------------------------------------------------------------------------------
+# Triton kernels
+# ----------------------------------------------------------------------------------------------
+# Every kernel runs on a 1-D grid of (tile, batch*head) programs, the tile index fastest: the
+# programs that read one head's K and V (or Q and dO) run side by side and find them in L2, and a
+# 1-D grid has no 65535 limit (grid axes 1 and 2 have one; axis 0 allows 2**31 - 1 programs).
+# Offsets of a batch and a head are taken in int64, so tensors may exceed 2**31 elements; within
+# one (batch, head) slice the launcher checks that offsets fit in int32.
+#
+# The head dim D is a constexpr (HEAD_DIM) and tiles are BLOCK_D = next power of two >= D wide:
+# loads and stores are masked on d < HEAD_DIM, so D = 40, 80, 160 need no padded copies, and for
+# a power-of-two D the mask folds away at compile time.
+
+if triton_available():
+    import triton
+    import triton.language as tl
+
+    _LN2 = tl.constexpr(math.log(2.0))
+    _LOG2E = tl.constexpr(LOG2E)
+    _VECTOR_BYTES = tl.constexpr(16)  # widest global load/store: 8 fp16/bf16 or 4 fp32 elements
+
+    def _device_fn(fn):
+        """@triton.jit for a device helper, except under the interpreter: there every call of a
+        jitted helper re-patches triton.language (milliseconds, most of the test time), while a
+        plain function runs inside the calling kernel's patch and computes the same thing."""
+        return fn if triton_interpreted() else triton.jit(fn)
+
+    @_device_fn
+    def _mma(a, b, acc, UPCAST: tl.constexpr):
+        """acc + a @ b with fp32 accumulation; 16-bit tiles go to the tensor cores as they are
+        (fp32 tiles, taken only by the interpreter, are multiplied exactly). UPCAST is set only
+        under the interpreter, whose tl.dot multiplies the raw bits of bf16 tiles and runs fp16
+        tiles through numpy's slow non-BLAS loop: 16-bit tiles are widened exactly (every fp16
+        and bf16 is an fp32), so results keep the rounding a GPU gives them."""
+        if UPCAST:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        return tl.dot(a, b, acc, input_precision="ieee")
+
+    @_device_fn
+    def _round(x, dtype: tl.constexpr, UPCAST: tl.constexpr):
+        """fp32 x rounded to nearest in dtype, as a GPU converts. Under the interpreter (UPCAST) the
+        result stays an fp32 that holds the rounded value, since the interpreter truncates fp32 ->
+        bf16 (a GPU rounds to nearest even): Veltkamp's split c - (c - x), c = x * (2**16 + 1),
+        rounds an fp32 to its 8 leading significant bits, which is bf16's precision."""
+        if UPCAST:
+            if dtype == tl.bfloat16:
+                c = x * 65537.0
+                x = c - (c - x)
+            else:
+                x = x.to(dtype).to(tl.float32)
+        else:
+            x = x.to(dtype)
+        return x
+
+    @_device_fn
+    def _tile_ptrs(Base, rows, stride_row, offs_d, stride_d, ALIGNED: tl.constexpr):
+        """Pointers to the (rows, BLOCK_D) tile of a (N, D) slice. With ALIGNED (the launcher has
+        checked that every row starts on a 16-byte boundary) the compiler is told so: loads and
+        stores then move 16 bytes per instruction and keep one address per 16 bytes, not one per
+        element (the hint must sit on an op made here, not on an argument, to reach the compiler)."""
+        ptrs = Base + rows[:, None] * stride_row + offs_d[None, :] * stride_d
+        if ALIGNED:
+            ptrs = tl.multiple_of(ptrs, [1, _VECTOR_BYTES])
+        return ptrs
+
+    @_device_fn
+    def _program(n, BLOCK: tl.constexpr):
+        """This program's tile of a length-n axis cut in BLOCK blocks, and the index of the rest
+        of the 1-D grid (batch * heads, and query splits for dK/dV): tiles fastest."""
+        pid = tl.program_id(0)
+        n_tiles = tl.cdiv(n, BLOCK)
+        return pid % n_tiles, pid // n_tiles
+
+    @_device_fn
+    def _head(Ptr, b, h, stride_b, stride_h):
+        """Ptr moved to the (batch b, head h) slice, the offset in int64."""
+        return Ptr + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+
+    @_device_fn
+    def _kv_len(KeyLengths, b, Nk, HAS_KEY_LENGTHS: tl.constexpr):
+        """Number of valid keys of batch b: min(key_lengths[b], Nk), at least 0."""
+        kv_len = Nk
+        if HAS_KEY_LENGTHS:
+            kv_len = tl.minimum(tl.maximum(tl.load(KeyLengths + b), 0), Nk)
+        return kv_len
+
+    @triton.jit
+    def _attn_fwd_kernel(
+        Q,  # pointer to queries, shape (B, Nq, H, D), any strides
+        K,  # pointer to keys, shape (B, Nk, H, D), any strides
+        V,  # pointer to values, shape (B, Nk, H, D), any strides
+        Out,  # pointer to the output, shape (B, Nq, H, D)
+        Lse,  # pointer to the logsumexp of the scaled scores (natural log), shape (B, H, Nq) contiguous, fp32
+        KeyLengths,  # pointer to valid keys per batch, shape (B,) int32; None without HAS_KEY_LENGTHS
+        stride_qb, stride_qn, stride_qh, stride_qd,  # strides of Q, elements
+        stride_kb, stride_kn, stride_kh, stride_kd,  # strides of K
+        stride_vb, stride_vn, stride_vh, stride_vd,  # strides of V
+        stride_ob, stride_on, stride_oh, stride_od,  # strides of Out
+        H, Nq, Nk,  # heads, queries, keys
+        qk_scale,  # softmax scale * log2(e): scores go straight into exp2
+        HEAD_DIM: tl.constexpr,  # D
+        BLOCK_D: tl.constexpr,  # next power of two >= max(D, 16)
+        BLOCK_M: tl.constexpr,  # queries per program
+        BLOCK_N: tl.constexpr,  # keys per step of the inner loop
+        HAS_KEY_LENGTHS: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every row of Q, K, V, Out starts on 16 bytes (see _tile_ptrs)
+        UPCAST: tl.constexpr,  # interpreter only (see _mma)
+    ):
+        pid_m, bh = _program(Nq, BLOCK_M)
+        b = bh // H
+        h = bh % H
+        kv_len = _kv_len(KeyLengths, b, Nk, HAS_KEY_LENGTHS)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < HEAD_DIM
+        Q = _head(Q, b, h, stride_qb, stride_qh)
+        K = _head(K, b, h, stride_kb, stride_kh)
+        V = _head(V, b, h, stride_vb, stride_vh)
+        Out = _head(Out, b, h, stride_ob, stride_oh)
+
+        q = tl.load(_tile_ptrs(Q, offs_m, stride_qn, offs_d, stride_qd, ALIGNED),
+                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores, log2 units
+        l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) v
+        # Only blocks holding a valid key are visited, so every step sees at least one finite
+        # score per row: m_i is finite after the first step and exp2(m_i - m_new) never meets -inf - -inf.
+        for start_n in range(0, kv_len, BLOCK_N):
+            n = start_n + offs_n
+            n_ok = n < kv_len
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(_tile_ptrs(K, n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST) * qk_scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
+            p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), fp32
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(_tile_ptrs(V, n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
+            acc = _mma(_round(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], UPCAST)
+            m_i = m_new
+
+        # A batch whose key_lengths is 0 has no valid key: output 0, logsumexp -inf.
+        has_keys = l_i > 0.0
+        l_safe = tl.where(has_keys, l_i, 1.0)
+        out = acc / l_safe[:, None]
+        lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
+        out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
+        tl.store(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), out,
+                 mask=m_ok[:, None] & d_ok[None, :])
+        tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=m_ok)
+
+    @triton.jit
+    def _attn_bwd_preprocess_kernel(
+        Out,  # pointer to the forward output, shape (B, Nq, H, D), any strides
+        DOut,  # pointer to the output gradient, shape (B, Nq, H, D), any strides
+        Delta,  # pointer to rowsum(dO * O), shape (B, H, Nq) contiguous, fp32
+        stride_ob, stride_on, stride_oh, stride_od,  # strides of Out
+        stride_dob, stride_don, stride_doh, stride_dod,  # strides of DOut
+        H, Nq,
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every row of Out and DOut starts on 16 bytes
+    ):
+        pid_m, bh = _program(Nq, BLOCK_M)
+        b = bh // H
+        h = bh % H
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask = (offs_m < Nq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        Out = _head(Out, b, h, stride_ob, stride_oh)
+        DOut = _head(DOut, b, h, stride_dob, stride_doh)
+        o = tl.load(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), mask=mask, other=0.0)
+        do = tl.load(_tile_ptrs(DOut, offs_m, stride_don, offs_d, stride_dod, ALIGNED), mask=mask, other=0.0)
+        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
+        tl.store(Delta + bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+
+    @triton.jit
+    def _attn_bwd_dkdv_kernel(
+        Q,  # pointer to queries, shape (B, Nq, H, D), any strides
+        K,  # pointer to keys, shape (B, Nk, H, D), any strides
+        V,  # pointer to values, shape (B, Nk, H, D), any strides
+        DOut,  # pointer to the output gradient, shape (B, Nq, H, D), any strides
+        Lse,  # pointer to the forward logsumexp, shape (B, H, Nq) contiguous, fp32
+        Delta,  # pointer to rowsum(dO * O), shape (B, H, Nq) contiguous, fp32
+        DK,  # pointer to dK, shape (Q_SPLITS, B, Nk, H, D): the output's dtype, or fp32 partial sums
+        DV,  # pointer to dV, same shape, strides and dtype as DK
+        KeyLengths,  # pointer to valid keys per batch, shape (B,) int32; None without HAS_KEY_LENGTHS
+        stride_qb, stride_qn, stride_qh, stride_qd,  # strides of Q
+        stride_kb, stride_kn, stride_kh, stride_kd,  # strides of K
+        stride_vb, stride_vn, stride_vh, stride_vd,  # strides of V
+        stride_dob, stride_don, stride_doh, stride_dod,  # strides of DOut
+        stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dkd,  # strides of DK and DV, split first
+        H, Nq, Nk,
+        Q_SPLITS,  # programs that share one key block, each summing over its own range of queries
+        qk_scale,  # softmax scale * log2(e)
+        sm_scale,  # softmax scale
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # queries per step of the inner loop
+        BLOCK_N: tl.constexpr,  # keys per program, held on chip with their dK, dV
+        HAS_KEY_LENGTHS: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every row of Q, K, V, DOut, DK, DV starts on 16 bytes
+        UPCAST: tl.constexpr,
+    ):
+        pid_n, rest = _program(Nk, BLOCK_N)
+        split = rest % Q_SPLITS
+        bh = rest // Q_SPLITS
+        b = bh // H
+        h = bh % H
+        kv_len = _kv_len(KeyLengths, b, Nk, HAS_KEY_LENGTHS)
+
+        # This program's queries: whole blocks, split evenly; none when every key of the block is padding.
+        m_per_split = tl.cdiv(tl.cdiv(Nq, BLOCK_M), Q_SPLITS) * BLOCK_M
+        m_start = split * m_per_split
+        m_end = tl.minimum(m_start + m_per_split, Nq)
+        m_end = tl.where(pid_n * BLOCK_N < kv_len, m_end, m_start)
+
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_m = tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, BLOCK_D)
+        n_ok = offs_n < kv_len
+        d_ok = offs_d < HEAD_DIM
+        Q = _head(Q, b, h, stride_qb, stride_qh)
+        K = _head(K, b, h, stride_kb, stride_kh)
+        V = _head(V, b, h, stride_vb, stride_vh)
+        DOut = _head(DOut, b, h, stride_dob, stride_doh)
+        Lse += bh.to(tl.int64) * Nq
+        Delta += bh.to(tl.int64) * Nq
+
+        kv_mask = n_ok[:, None] & d_ok[None, :]
+        k = tl.load(_tile_ptrs(K, offs_n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
+        v = tl.load(_tile_ptrs(V, offs_n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        for start_m in range(m_start, m_end, BLOCK_M):
+            m = start_m + offs_m
+            m_ok = m < Nq
+            qd_mask = m_ok[:, None] & d_ok[None, :]
+            q = tl.load(_tile_ptrs(Q, m, stride_qn, offs_d, stride_qd, ALIGNED), mask=qd_mask, other=0.0)
+            # Rows past Nq read lse = +inf: their probabilities come out exactly 0.
+            lse2 = tl.load(Lse + m, mask=m_ok, other=float("inf")) * _LOG2E
+            sT = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST) * qk_scale
+            pT = tl.math.exp2(sT - lse2[None, :])  # (BLOCK_N, BLOCK_M), P transposed
+            pT = tl.where(n_ok[:, None], pT, 0.0)  # padded keys get no weight, hence no gradient
+            do = tl.load(_tile_ptrs(DOut, m, stride_don, offs_d, stride_dod, ALIGNED), mask=qd_mask, other=0.0)
+            dv = _mma(_round(pT, DOut.dtype.element_ty, UPCAST), do, dv, UPCAST)  # dV += P^T dO
+            delta = tl.load(Delta + m, mask=m_ok, other=0.0)
+            dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)  # (V dO^T)
+            dsT = pT * (dpT - delta[None, :])  # dS^T = P^T * (dP^T - delta)
+            dk = _mma(_round(dsT, Q.dtype.element_ty, UPCAST), q, dk, UPCAST)  # dK += dS^T Q (scaled below)
+
+        DK = _head(DK + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
+        DV = _head(DV + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
+        out_mask = (offs_n < Nk)[:, None] & d_ok[None, :]  # padded keys get their zero gradients written too
+        tl.store(_tile_ptrs(DK, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
+                 _round(dk * sm_scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=out_mask)
+        tl.store(_tile_ptrs(DV, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
+                 _round(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty), mask=out_mask)
+
+    @triton.jit
+    def _attn_bwd_dq_kernel(
+        Q,  # pointer to queries, shape (B, Nq, H, D), any strides
+        K,  # pointer to keys, shape (B, Nk, H, D), any strides
+        V,  # pointer to values, shape (B, Nk, H, D), any strides
+        DOut,  # pointer to the output gradient, shape (B, Nq, H, D), any strides
+        Lse,  # pointer to the forward logsumexp, shape (B, H, Nq) contiguous, fp32
+        Delta,  # pointer to rowsum(dO * O), shape (B, H, Nq) contiguous, fp32
+        DQ,  # pointer to dQ, shape (B, Nq, H, D)
+        KeyLengths,  # pointer to valid keys per batch, shape (B,) int32; None without HAS_KEY_LENGTHS
+        stride_qb, stride_qn, stride_qh, stride_qd,  # strides of Q
+        stride_kb, stride_kn, stride_kh, stride_kd,  # strides of K
+        stride_vb, stride_vn, stride_vh, stride_vd,  # strides of V
+        stride_dob, stride_don, stride_doh, stride_dod,  # strides of DOut
+        stride_dqb, stride_dqn, stride_dqh, stride_dqd,  # strides of DQ
+        H, Nq, Nk,
+        qk_scale,  # softmax scale * log2(e)
+        sm_scale,  # softmax scale
+        HEAD_DIM: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+        BLOCK_M: tl.constexpr,  # queries per program, held on chip with their dO and dQ
+        BLOCK_N: tl.constexpr,  # keys per step of the inner loop
+        HAS_KEY_LENGTHS: tl.constexpr,
+        ALIGNED: tl.constexpr,  # every row of Q, K, V, DOut, DQ starts on 16 bytes
+        UPCAST: tl.constexpr,
+    ):
+        pid_m, bh = _program(Nq, BLOCK_M)
+        b = bh // H
+        h = bh % H
+        kv_len = _kv_len(KeyLengths, b, Nk, HAS_KEY_LENGTHS)
+
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        m_ok = offs_m < Nq
+        d_ok = offs_d < HEAD_DIM
+        Q = _head(Q, b, h, stride_qb, stride_qh)
+        K = _head(K, b, h, stride_kb, stride_kh)
+        V = _head(V, b, h, stride_vb, stride_vh)
+        DOut = _head(DOut, b, h, stride_dob, stride_doh)
+        DQ = _head(DQ, b, h, stride_dqb, stride_dqh)
+
+        qd_mask = m_ok[:, None] & d_ok[None, :]
+        q = tl.load(_tile_ptrs(Q, offs_m, stride_qn, offs_d, stride_qd, ALIGNED), mask=qd_mask, other=0.0)
+        do = tl.load(_tile_ptrs(DOut, offs_m, stride_don, offs_d, stride_dod, ALIGNED), mask=qd_mask, other=0.0)
+        lse2 = tl.load(Lse + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
+        delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        for start_n in range(0, kv_len, BLOCK_N):
+            n = start_n + offs_n
+            n_ok = n < kv_len
+            kv_mask = n_ok[:, None] & d_ok[None, :]
+            k = tl.load(_tile_ptrs(K, n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
+            v = tl.load(_tile_ptrs(V, n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
+            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST) * qk_scale
+            p = tl.math.exp2(s - lse2[:, None])
+            p = tl.where(n_ok[None, :], p, 0.0)
+            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)  # dO V^T
+            ds = p * (dp - delta[:, None])
+            dq = _mma(_round(ds, K.dtype.element_ty, UPCAST), k, dq, UPCAST)  # dQ += dS K (scaled below)
+
+        tl.store(_tile_ptrs(DQ, offs_m, stride_dqn, offs_d, stride_dqd, ALIGNED),
+                 _round(dq * sm_scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=qd_mask)
+
+
+# ----------------------------------------------------------------------------------------------
+# Block configs
+# ----------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """Tile sizes and launch options of one kernel."""
+
+    block_m: int  # queries per tile
+    block_n: int  # keys per tile
+    num_warps: int
+    num_stages: int
+
+    def label(self) -> str:
+        return f"BM={self.block_m} BN={self.block_n} w{self.num_warps} s{self.num_stages}"
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """One row of the table: the configs of the forward, dK/dV and dQ kernels."""
+
+    fwd: BlockConfig
+    dkdv: BlockConfig  # block_n keys held on chip, block_m queries streamed
+    dq: BlockConfig  # block_m queries held on chip, block_n keys streamed
+
+
+# One row per tile width BLOCK_D (D = 40, 80, 160 land in 64, 128, 256; D <= 32 takes the 64 row
+# with smaller tiles). kernels/attention.md gives the reasoning: every program's tiles fit in
+# registers (at most 255 per thread) and its pipelined K/V (or Q/dO) buffers in shared memory (A100
+# 164 KiB, H100 228 KiB per SM); `python -m kernels.inspect --kernel attn` shows no config spills.
+CONFIGS: dict[int, AttentionConfig] = {
+    64: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2)),
+    128: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
+    256: AttentionConfig(fwd=BlockConfig(64, 64, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(64, 32, 8, 2)),
+}
+PREPROCESS_ELEMENTS = 4096  # elements of O (and dO) per preprocess program: 32 per thread at 4 warps
+PREPROCESS_WARPS = 4
+DEFAULT_SM_COUNT = 132  # streaming multiprocessors assumed when no GPU says otherwise (H100 SXM)
+MIN_Q_BLOCKS_PER_SPLIT = 8  # a dK/dV program that splits the queries streams at least this many blocks,
+# so the queries it reads (8 x BLOCK_M rows of Q and dO) outweigh the fp32 partial sums it writes
+
+
+def block_d(head_dim: int) -> int:
+    """Tile width for a head dim: the next power of two, at least 16 (the smallest tl.dot K)."""
+    return max(16, 1 << (head_dim - 1).bit_length())
+
+
+def pick_config(head_dim: int) -> AttentionConfig:
+    """The table's row for this head dim."""
+    return CONFIGS[max(64, block_d(head_dim))]
+
+
+def preprocess_block_m(block_d_: int) -> int:
+    """Rows per program of the delta = rowsum(dO * O) kernel: PREPROCESS_ELEMENTS elements."""
+    return max(16, min(128, PREPROCESS_ELEMENTS // block_d_))
+
+
+def q_splits(n_key_blocks: int, n_query_blocks: int, batch_heads: int, sm_count: int) -> int:
+    """How many programs share each key block of the dK/dV kernel. Short key sequences (cross-
+    attention against 77 tokens) give too few key blocks to fill the GPU, so the queries are split
+    and the fp32 partial sums added afterwards; long ones keep one program per key block."""
+    programs = n_key_blocks * batch_heads
+    if programs >= sm_count:
+        return 1
+    return max(1, min(-(-sm_count // programs), n_query_blocks // MIN_Q_BLOCKS_PER_SPLIT))
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return DEFAULT_SM_COUNT
+
+
+# ----------------------------------------------------------------------------------------------
+# Launchers
+# ----------------------------------------------------------------------------------------------
+
+def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """Input dtypes the Triton kernels take on ``device``. On a GPU, fp16 and bf16: exact fp32
+    products cannot run on tensor cores (TF32 rounds them to 10 mantissa bits, 3xTF32 spills at
+    every useful tile size, see attention.md), so fp32 goes to PyTorch's exact SDPA. The CPU
+    interpreter also takes fp32, which the tests use as a near-exact check of the algorithm."""
+    return GPU_DTYPES if device.type == "cuda" else INTERPRETER_DTYPES
+
+
+def _check_triton_call(**tensors: torch.Tensor) -> None:
+    """The dtype is one the kernels take here, and within one (batch, head) slice of every
+    (B, N, H, D) tensor the offsets n * stride_n + d * stride_d fit in int32."""
+    q = tensors["q"]
+    dtypes = triton_dtypes(q.device)
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"attention: the Triton kernels take {names} on {q.device.type}, got {q.dtype} "
+                         f"for q ({_shape(q)}); use backend='torch'")
+    for name, t in tensors.items():
+        reach = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
+        if reach > INT32_MAX:
+            raise ValueError(f"attention: one (batch, head) slice of {name} ({_shape(t)}, strides "
+                             f"{t.stride()}) spans more than 2**31 elements")
+
+
+def _out_buffer(name: str, given: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype,
+                device: torch.device) -> torch.Tensor:
+    """A contiguous, 16-byte aligned buffer: ``given`` after checking it, else a new tensor."""
+    if given is None:
+        return torch.empty(shape, dtype=dtype, device=device)
+    if tuple(given.shape) != shape or given.dtype != dtype or given.device != device:
+        raise ValueError(f"attention: {name} must be {dtype} of shape {shape} on {device}, got "
+                         f"{given.dtype} of shape {tuple(given.shape)} on {given.device}")
+    if not given.is_contiguous() or given.data_ptr() % 16:
+        raise ValueError(f"attention: {name} ({_shape(given)}) must be contiguous and 16-byte aligned")
+    return given
+
+
+def _rows_aligned(*tensors: torch.Tensor) -> bool:
+    """True when every (B, N, H, D) tensor has a contiguous last dim and each of its rows starts
+    on a 16-byte boundary: the kernels may then load and store 16 bytes at a time (see _aligned).
+    Dims of size 1 are never stepped over, so their strides do not count."""
+    for t in tensors:
+        if t.data_ptr() % 16 or (t.shape[-1] > 1 and t.stride(-1) != 1):
+            return False
+        if any(n > 1 and s * t.element_size() % 16 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
+            return False
+    return True
+
+
+def _key_lengths_i32(key_lengths: torch.Tensor | None) -> torch.Tensor | None:
+    if key_lengths is None:
+        return None
+    return key_lengths.to(torch.int32).contiguous()
+
+
+def _upcast(dtype: torch.dtype) -> bool:
+    """Widen 16-bit dot operands to fp32, only under the interpreter (see _mma)."""
+    return triton_interpreted() and dtype != torch.float32
+
+
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                      key_lengths: torch.Tensor | None = None, *, out: torch.Tensor | None = None,
+                      lse: torch.Tensor | None = None,
+                      config: AttentionConfig | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Launch the forward kernel. q (B, Nq, H, D), k and v (B, Nk, H, D), any strides ->
+    out (B, Nq, H, D) contiguous in q's dtype, lse (B, H, Nq) fp32 (natural log of the softmax
+    denominator of the scaled scores; -inf for a batch without valid keys).
+
+    ``out`` and ``lse`` may be given (contiguous) to be written in place; ``config`` overrides the table.
+    """
+    check_attention_inputs(q, k, v, key_lengths)
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    out = _out_buffer("out", out, (B, Nq, H, D), q.dtype, q.device)
+    _check_triton_call(q=q, k=k, v=v, out=out)
+    lse = _out_buffer("lse", lse, (B, H, Nq), torch.float32, q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = (config or pick_config(D)).fwd
+    grid = (triton.cdiv(Nq, cfg.block_m) * B * H,)
+    _attn_fwd_kernel[grid](
+        q, k, v, out, lse, _key_lengths_i32(key_lengths),
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        H, Nq, Nk, scale * LOG2E,
+        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, out),
+        UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, lse
+
+
+def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, scale: float,
+                       key_lengths: torch.Tensor | None = None, *, dq: torch.Tensor | None = None,
+                       dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
+                       delta: torch.Tensor | None = None, config: AttentionConfig | None = None,
+                       splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Launch the backward kernels: delta = rowsum(dO * O), then dK and dV (K, V held on chip while
+    the queries stream), then dQ. Returns dq, dk, dv, contiguous, in q's dtype.
+
+    ``dq``, ``dk``, ``dv`` and ``delta`` ((B, H, Nq) fp32) may be given to be written in place;
+    ``config`` overrides the table, ``splits`` the number of query ranges per key block of dK/dV.
+    """
+    check_attention_inputs(q, k, v, key_lengths)
+    B, Nq, H, D = q.shape
+    Nk = k.shape[1]
+    for name, t in (("dout", dout), ("out", out)):
+        if t.shape != q.shape or t.dtype != q.dtype or t.device != q.device:
+            raise ValueError(f"attention: {name} must be {q.dtype} of q's shape {_shape(q)} on {q.device}, "
+                             f"got {t.dtype} of shape {_shape(t)} on {t.device}")
+    _out_buffer("lse", lse, (B, H, Nq), torch.float32, q.device)  # as the forward wrote it
+    dq = _out_buffer("dq", dq, tuple(q.shape), q.dtype, q.device)
+    dk = _out_buffer("dk", dk, tuple(k.shape), k.dtype, k.device)
+    dv = _out_buffer("dv", dv, tuple(v.shape), v.dtype, v.device)
+    delta = _out_buffer("delta", delta, (B, H, Nq), torch.float32, q.device)
+    _check_triton_call(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    if dk.numel() == 0:
+        return dq, dk, dv
+    if Nq == 0:  # no query looks at any key
+        return dq, dk.zero_(), dv.zero_()
+    cfg = config or pick_config(D)
+    BD, kl, upcast = block_d(D), _key_lengths_i32(key_lengths), _upcast(q.dtype)
+
+    pre_m = preprocess_block_m(BD)
+    _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m) * B * H,)](
+        out, dout, delta, *out.stride(), *dout.stride(), H, Nq,
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=pre_m, ALIGNED=_rows_aligned(out, dout), num_warps=PREPROCESS_WARPS,
+    )
+
+    c = cfg.dkdv
+    n_blocks = triton.cdiv(Nk, c.block_n)
+    if splits is None:
+        splits = q_splits(n_blocks, triton.cdiv(Nq, c.block_m), B * H, _sm_count(q.device))
+    if splits == 1:  # each program owns its keys: write dK, dV straight into the outputs
+        dk_part, dv_part, part_strides = dk, dv, (0, *dk.stride())
+    else:  # each program sums over its range of queries: fp32 partials, added below
+        parts = torch.empty((2, splits, *k.shape), dtype=torch.float32, device=k.device)
+        dk_part, dv_part = parts.unbind(0)  # (splits, B, Nk, H, D) each
+        part_strides = dk_part.stride()
+    _attn_bwd_dkdv_kernel[(n_blocks * splits * B * H,)](
+        q, k, v, dout, lse, delta, dk_part, dv_part, kl,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *part_strides,
+        H, Nq, Nk, splits, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dk_part, dv_part),
+        UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    if splits > 1:  # add the partials in fp32 (sum(out=bf16) would round them first), then round once
+        sums = parts.sum(1)  # (2, B, Nk, H, D)
+        dk.copy_(sums[0])
+        dv.copy_(sums[1])
+
+    c = cfg.dq
+    _attn_bwd_dq_kernel[(triton.cdiv(Nq, c.block_m) * B * H,)](
+        q, k, v, dout, lse, delta, dq, kl,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
+        H, Nq, Nk, scale * LOG2E, scale,
+        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dq),
+        UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
+    )
+    return dq, dk, dv
+
+
+class AttentionFunction(torch.autograd.Function):
+    """Autograd wrapper of the Triton kernels; gradients flow to q, k and v."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale, key_lengths):
+        out, lse = attention_forward(q, k, v, scale, key_lengths)
+        ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+        ctx.scale = scale
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        q, k, v, out, lse, key_lengths = ctx.saved_tensors
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths)
+        return dq, dk, dv, None, None
+
+
+# ----------------------------------------------------------------------------------------------
+# PyTorch paths and the public entry
+# ----------------------------------------------------------------------------------------------
+
 def _attention_torch(q, k, v, scale, key_lengths):
     mask = None
     if key_lengths is not None:
@@ -92,14 +698,120 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
               key_lengths: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """softmax(q k^T * scale) v per head. q (B, Nq, H, D), k and v (B, Nk, H, D) -> (B, Nq, H, D).
 
-    ``scale`` defaults to 1/sqrt(D). ``key_lengths`` (B,) masks padded keys. Differentiable.
+    ``scale`` defaults to 1/sqrt(D). ``key_lengths`` (B,) masks padded keys. Differentiable in
+    q, k and v.
     """
     check_attention_inputs(q, k, v, key_lengths)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     which = resolve_backend("attention", backend, q, k, v)
+    if which == "triton" and q.dtype not in triton_dtypes(q.device) \
+            and requested_backend("attention", backend) == "auto":
+        which = "torch"  # "auto" picks the fastest exact path: ours for fp16/bf16, SDPA for fp32 on a GPU
     if which == "xformers":
         return _attention_xformers(q, k, v, scale, key_lengths)
     if which == "triton":
-        raise NotImplementedError("attention: the Triton kernel lands with its own issue")
+        return AttentionFunction.apply(q, k, v, float(scale), key_lengths)
     return _attention_torch(q, k, v, scale, key_lengths)
+
+
+class Attention(nn.Module):
+    """Multi-head attention with its projections, for the UNet's transformer blocks and the VAE.
+
+    Self-attention (``context_dim=None``) projects q, k, v with one fused linear layer and hands
+    the kernel strided (B, N, H, D) views of its output, no copies; cross-attention projects q from
+    x and k, v (fused) from the context. ``forward(x (B, N, dim), context (B, M, context_dim),
+    context_lengths (B,))`` -> (B, N, dim).
+    """
+
+    def __init__(self, dim: int, heads: int, context_dim: int | None = None, bias: bool = False,
+                 backend: str = "auto"):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"Attention: dim={dim} is not divisible by heads={heads}")
+        self.dim, self.heads, self.backend = dim, heads, backend
+        self.is_cross = context_dim is not None
+        if self.is_cross:
+            self.to_q = nn.Linear(dim, dim, bias=bias)
+            self.to_kv = nn.Linear(context_dim, 2 * dim, bias=bias)
+        else:
+            self.to_qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.to_out = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_lengths: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, _ = x.shape
+        H, D = self.heads, self.dim // self.heads
+        if self.is_cross:
+            if context is None:
+                raise ValueError("Attention: a cross-attention layer needs a context")
+            q = self.to_q(x).view(B, N, H, D)
+            k, v = self.to_kv(context).view(B, context.shape[1], 2, H, D).unbind(2)  # (B, M, H, D) views
+        else:
+            if context is not None:
+                raise ValueError("Attention: a self-attention layer takes no context")
+            q, k, v = self.to_qkv(x).view(B, N, 3, H, D).unbind(2)  # (B, N, H, D) views
+        out = attention(q, k, v, key_lengths=context_lengths, backend=self.backend)  # (B, N, H, D)
+        return self.to_out(out.reshape(B, N, self.dim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ahead-of-time builds for `python -m kernels.inspect`
+# ----------------------------------------------------------------------------------------------
+
+SD_HEAD_DIMS = {64: 40, 128: 80, 256: 160}  # the head dim each row is built for ahead of time (Stable Diffusion 1.x)
+
+
+def _aot_signature(fn, dtype: str, pointers: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
+    """Triton types of a kernel's runtime arguments as the launcher passes them: pointers as given
+    (default: the input dtype), strides of D as the constant 1 (the JIT specializes 1 the same way),
+    other strides and sizes i32, scales fp32."""
+    signature, consts = {}, dict(constexprs)
+    for name in fn.arg_names:
+        if name in consts:
+            continue
+        if name[0].isupper() and name not in ("H", "Nq", "Nk", "Q_SPLITS"):
+            signature[name] = pointers.get(name, f"*{dtype}")
+        elif name.startswith("stride_") and name.endswith("d"):
+            consts[name] = 1
+        elif name in ("qk_scale", "sm_scale"):
+            signature[name] = "fp32"
+        else:
+            signature[name] = "i32"
+    return signature, consts
+
+
+def aot_specs() -> list:
+    """Every kernel x every row of CONFIGS, fp16 and bf16 (the dtypes the launchers send to a GPU),
+    with key lengths and 16-byte aligned rows: the variant contiguous and fused-QKV layouts take.
+    The dK/dV kernel comes twice: writing the outputs, and writing fp32 partial sums (split queries)."""
+    from kernels.aot import AotSpec
+
+    stats = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i32"}
+    specs = []
+    for dtype in ("fp16", "bf16"):
+        for bd, row in CONFIGS.items():
+            D = SD_HEAD_DIMS[bd]
+            shape = {"HEAD_DIM": D, "BLOCK_D": bd}
+            common = dict(shape, HAS_KEY_LENGTHS=True, ALIGNED=True, UPCAST=False)
+            variants = [
+                ("attn_fwd", _attn_fwd_kernel, row.fwd, {}, {}),
+                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, row.dkdv, {}, {"Q_SPLITS": 1}),
+                ("attn_bwd_dkdv_split", _attn_bwd_dkdv_kernel, row.dkdv, {"DK": "*fp32", "DV": "*fp32"}, {}),
+                ("attn_bwd_dq", _attn_bwd_dq_kernel, row.dq, {}, {}),
+            ]
+            for kernel, fn, cfg, pointers, extra in variants:
+                consts = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
+                signature, consts = _aot_signature(fn, dtype, {**stats, **pointers}, consts)
+                aligned = [n for n, t in signature.items() if t.startswith("*") and n != "KeyLengths"]
+                if kernel == "attn_bwd_dkdv":
+                    aligned.append("stride_dks")  # 0 when each program writes its keys' dK, dV itself
+                specs.append(AotSpec(kernel, f"{dtype} D={D} {cfg.label()}", fn, signature, consts,
+                                     cfg.num_warps, cfg.num_stages, uses_dot=True, aligned=tuple(aligned)))
+            pre_m = preprocess_block_m(bd)
+            signature, consts = _aot_signature(_attn_bwd_preprocess_kernel, dtype, stats,
+                                               dict(shape, BLOCK_M=pre_m, ALIGNED=True))
+            specs.append(AotSpec("attn_bwd_preprocess", f"{dtype} D={D} BM={pre_m} w{PREPROCESS_WARPS}",
+                                 _attn_bwd_preprocess_kernel, signature, consts, PREPROCESS_WARPS,
+                                 aligned=tuple(n for n, t in signature.items() if t.startswith("*"))))
+    return specs
