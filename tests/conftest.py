@@ -2,6 +2,9 @@
 
 import os
 
+# One BLAS thread: the interpreter runs each tile's tl.dot through numpy, and OpenBLAS threads
+# spinning against each other on small matrices slow it down by an order of magnitude.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # Must happen before anything imports triton: @triton.jit reads it when a kernel is defined.
 os.environ["TRITON_INTERPRET"] = "1"
 

@@ -24,22 +24,6 @@ from kernels.attention import (
     triton_dtypes,
 )
 
-try:  # numpy's OpenBLAS threads spin against each other on a busy 2-core machine: the
-    # interpreter's small tl.dot products run ~30x faster on one thread.
-    from threadpoolctl import threadpool_limits
-except ImportError:  # pragma: no cover
-    threadpool_limits = None
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_blas_thread():
-    if threadpool_limits is None:
-        yield
-        return
-    with threadpool_limits(limits=1, user_api="blas"):
-        yield
-
-
 # Tolerances, as a fraction of the largest reference value of each output (see assert_close_scaled).
 # The reference takes the same rounded inputs, so what remains is the kernel's own rounding:
 #  - fp32: the interpreter multiplies exactly and accumulates in fp32 (6e-8 per op over sums of a
