@@ -40,6 +40,7 @@ ELEMS_PER_THREAD = 16    # the launcher gives a tile tile // (32 * 16) warps, 1 
 PARTIAL_BLOCK = 64       # partial statistics combined per step of the combine loop
 REDUCE_TILE = 1024       # (channels x tiles) partial sums one program of the gradient reduction holds
 REDUCE_WARPS = 4         # 8 partial sums per thread per loaded array
+MAX_VECTOR = 8           # channels per vector load in channels_last (16 bytes of bf16)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -83,8 +84,12 @@ def check_group_norm_inputs(x, num_groups, weight, bias, shift) -> None:
 
 @_jit
 def _gn_tile(pid, C, HW, G, CPG, NS, n_chunks,
-             CHANNELS_LAST: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Which (batch, group, tile) program ``pid`` runs, and where its elements are."""
+             CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Which (batch, group, tile) program ``pid`` runs, and where its elements are.
+
+    CPG_ALIGN, a power of two dividing CPG, lets channels_last loads be vectors of CPG_ALIGN
+    channels: g * CPG and the channel mask are written so that the compiler sees the alignment.
+    """
     if CHANNELS_LAST:  # neighbouring programs take neighbouring groups: they share the rows of x
         g = pid % G
         k = (pid // G) % n_chunks
@@ -96,9 +101,9 @@ def _gn_tile(pid, C, HW, G, CPG, NS, n_chunks,
     ks = k % NS                                             # spatial tile, 0 <= ks < NS
     c = (k // NS) * BLOCK_C + tl.arange(0, BLOCK_C)         # channel within the group, (BLOCK_C,)
     s = ks * BLOCK_S + tl.arange(0, BLOCK_S)                # spatial position, (BLOCK_S,)
-    cmask = c < CPG
+    cmask = (c // CPG_ALIGN) < (CPG // CPG_ALIGN)           # c < CPG, constant over CPG_ALIGN lanes
     mask = (s[:, None] < HW) & cmask[None, :]               # (BLOCK_S, BLOCK_C)
-    ch = g * CPG + c                                        # channel within x, (BLOCK_C,)
+    ch = g * (CPG // CPG_ALIGN) * CPG_ALIGN + c             # channel within x, g * CPG + c, (BLOCK_C,)
     base = b.to(tl.int64) * C * HW                          # start of sample b (64-bit: B*C*HW may pass 2**31)
     if CHANNELS_LAST:
         offs = s[:, None] * C + ch[None, :]                 # (BLOCK_S, BLOCK_C), channels contiguous
@@ -164,23 +169,41 @@ def _gn_combine_stats(PMean, PM2, bg, n_chunks, NS, CPG, HW,
 
 
 @_jit
+def _gn_pivot(X, Shift, b, g, base, C, HW, CPG, CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr):
+    """x + shift at the group's first element. Split statistics are taken of (x + shift - pivot):
+    with the group's offset removed, tile means near a large mean keep their precision and so does
+    the between-tile term of the combine (the shifted-data algorithm)."""
+    c0 = g * CPG
+    if CHANNELS_LAST:
+        pivot = tl.load(X + base + c0).to(tl.float32)
+    else:
+        pivot = tl.load(X + base + c0 * HW).to(tl.float32)
+    if HAS_SHIFT:
+        pivot += tl.load(Shift + b * C + c0).to(tl.float32)
+    return pivot
+
+
+@_jit
 def _gn_fwd_stats_kernel(
     X,            # pointer to the input, shape (B, C, *spatial), NCHW or channels_last memory
     Shift,        # pointer to the shift, shape (B, C) contiguous (read when HAS_SHIFT)
-    PMean,        # pointer to each tile's mean, shape (B * G, n_chunks), fp32
+    PMean,        # pointer to each tile's mean minus the group's pivot, shape (B * G, n_chunks), fp32
     PM2,          # pointer to each tile's sum of squared deviations from its mean, shape (B * G, n_chunks), fp32
     C, HW, G, CPG,  # channels, spatial size, groups, channels per group
     NS, n_chunks,   # spatial tiles per group, tiles per group
-    CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, HAS_SHIFT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
-    """Split forward, pass 1: (mean, M2) of one tile of (x + shift), two-pass in registers."""
+    """Split forward, pass 1: (mean, M2) of one tile of (x + shift - pivot), two-pass in registers."""
     pid = tl.program_id(0)
     b, g, k, ks, ch, cmask, mask, base, offs = _gn_tile(pid, C, HW, G, CPG, NS, n_chunks,
-                                                        CHANNELS_LAST, BLOCK_S, BLOCK_C)
+                                                        CHANNELS_LAST, CPG_ALIGN, BLOCK_S, BLOCK_C)
+    pivot = _gn_pivot(X, Shift, b, g, base, C, HW, CPG, CHANNELS_LAST, HAS_SHIFT)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)       # (BLOCK_S, BLOCK_C)
     if HAS_SHIFT:
-        x += tl.load(Shift + b * C + ch, mask=cmask, other=0.0).to(tl.float32)[None, :]
+        x += (tl.load(Shift + b * C + ch, mask=cmask, other=0.0).to(tl.float32) - pivot)[None, :]
+    else:
+        x -= pivot
     n = _gn_chunk_count(k, NS, CPG, HW, BLOCK_S, BLOCK_C)
     mean = tl.sum(tl.where(mask, x, 0.0)) / n
     d = tl.where(mask, x - mean, 0.0)
@@ -198,12 +221,12 @@ def _gn_fwd_kernel(
     Shift,        # pointer to the shift, shape (B, C) contiguous (read when HAS_SHIFT)
     Mean,         # pointer to the group means, shape (B, G), fp32, written
     Rstd,         # pointer to the group reciprocal standard deviations, shape (B, G), fp32, written
-    PMean,        # pointer to the tiles' means, shape (B * G, n_chunks), fp32 (read when SPLIT)
+    PMean,        # pointer to the tiles' means minus the pivot, shape (B * G, n_chunks), fp32 (read when SPLIT)
     PM2,          # pointer to the tiles' M2, shape (B * G, n_chunks), fp32 (read when SPLIT)
     C, HW, G, CPG,  # channels, spatial size, groups, channels per group
     NS, n_chunks,   # spatial tiles per group, tiles per group (1 unless SPLIT)
     eps,
-    CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -214,12 +237,13 @@ def _gn_fwd_kernel(
     """
     pid = tl.program_id(0)
     b, g, k, ks, ch, cmask, mask, base, offs = _gn_tile(pid, C, HW, G, CPG, NS, n_chunks,
-                                                        CHANNELS_LAST, BLOCK_S, BLOCK_C)
+                                                        CHANNELS_LAST, CPG_ALIGN, BLOCK_S, BLOCK_C)
     w, beta, sh = _gn_channel_params(W, Bias, Shift, b, C, ch, cmask, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, BLOCK_C)
     x = tl.load(X + base + offs, mask=mask, other=0.0).to(tl.float32)       # (BLOCK_S, BLOCK_C)
     bg = b * G + g
     if SPLIT:
         mean, var = _gn_combine_stats(PMean, PM2, bg, n_chunks, NS, CPG, HW, BLOCK_S, BLOCK_C, BLOCK_P)
+        mean += _gn_pivot(X, Shift, b, g, base, C, HW, CPG, CHANNELS_LAST, HAS_SHIFT)
     else:  # exact two-pass over the group held in registers
         N = (CPG * HW).to(tl.float32)
         xs = x + sh[None, :]
@@ -240,11 +264,12 @@ def _gn_fwd_kernel(
 
 @_jit
 def _gn_bwd_tile(X, DY, W, Bias, Shift, Mean, Rstd, pid, C, HW, G, CPG, NS, n_chunks,
-                 CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+                 CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+                 HAS_BIAS: tl.constexpr,
                  HAS_SHIFT: tl.constexpr, SILU: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
     """Load a tile of x and dy; recompute x_hat and dz = dL/d(affine output) (the SiLU from x)."""
     b, g, k, ks, ch, cmask, mask, base, offs = _gn_tile(pid, C, HW, G, CPG, NS, n_chunks,
-                                                        CHANNELS_LAST, BLOCK_S, BLOCK_C)
+                                                        CHANNELS_LAST, CPG_ALIGN, BLOCK_S, BLOCK_C)
     w, beta, sh = _gn_channel_params(W, Bias, Shift, b, C, ch, cmask, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, BLOCK_C)
     bg = b * G + g
     mean = tl.load(Mean + bg)
@@ -288,7 +313,7 @@ def _gn_bwd_stats_kernel(
     S2p,          # pointer to per-tile sums of w * dz * x_hat, shape (B * G, n_chunks), fp32
     C, HW, G, CPG,  # channels, spatial size, groups, channels per group
     NS, n_chunks,   # spatial tiles per group, tiles per group
-    CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SHIFT: tl.constexpr, SILU: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
@@ -296,7 +321,7 @@ def _gn_bwd_stats_kernel(
     pid = tl.program_id(0)
     b, g, k, ks, ch, cmask, mask, base, offs, w, rstd, x, xhat, dz = _gn_bwd_tile(
         X, DY, W, Bias, Shift, Mean, Rstd, pid, C, HW, G, CPG, NS, n_chunks,
-        CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, SILU, BLOCK_S, BLOCK_C)
+        CHANNELS_LAST, CPG_ALIGN, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, SILU, BLOCK_S, BLOCK_C)
     s1, s2 = _gn_bwd_tile_sums(DWp, DBp, dz, xhat, w, b, C, ch, cmask, NS, ks, HAS_WEIGHT, HAS_BIAS)
     bg = b * G + g
     tl.store(S1p + bg * n_chunks + k, s1)
@@ -320,7 +345,7 @@ def _gn_bwd_kernel(
     DSp,          # pointer to per-tile sums of dx, shape (B, C, NS), fp32 (written when STORE_DSHIFT)
     C, HW, G, CPG,  # channels, spatial size, groups, channels per group
     NS, n_chunks,   # spatial tiles per group, tiles per group (1 unless SPLIT)
-    CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, CPG_ALIGN: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
     HAS_SHIFT: tl.constexpr, STORE_DSHIFT: tl.constexpr, SILU: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
@@ -333,7 +358,7 @@ def _gn_bwd_kernel(
     pid = tl.program_id(0)
     b, g, k, ks, ch, cmask, mask, base, offs, w, rstd, x, xhat, dz = _gn_bwd_tile(
         X, DY, W, Bias, Shift, Mean, Rstd, pid, C, HW, G, CPG, NS, n_chunks,
-        CHANNELS_LAST, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, SILU, BLOCK_S, BLOCK_C)
+        CHANNELS_LAST, CPG_ALIGN, HAS_WEIGHT, HAS_BIAS, HAS_SHIFT, SILU, BLOCK_S, BLOCK_C)
     bg = b * G + g
     if SPLIT:
         s1 = 0.0
@@ -435,6 +460,7 @@ class GroupNormPlan:
     NS: int                # spatial tiles per group
     n_chunks: int          # tiles per group (channel tiles x spatial tiles)
     num_warps: int
+    CPG_ALIGN: int         # channels_last: power of two dividing CPG, the width of vector loads; else 1
 
     @property
     def split(self) -> bool:
@@ -463,7 +489,9 @@ def plan_group_norm(shape, num_groups: int, channels_last: bool, max_tile: int =
     NS = -(-HW // BLOCK_S)
     n_chunks = -(-CPG // BLOCK_C) * NS
     num_warps = max(1, min(8, BLOCK_S * BLOCK_C // (32 * ELEMS_PER_THREAD)))
-    return GroupNormPlan(B, C, HW, num_groups, CPG, channels_last, BLOCK_S, BLOCK_C, NS, n_chunks, num_warps)
+    cpg_align = min(CPG & -CPG, MAX_VECTOR, BLOCK_C) if channels_last else 1
+    return GroupNormPlan(B, C, HW, num_groups, CPG, channels_last, BLOCK_S, BLOCK_C, NS, n_chunks, num_warps,
+                         cpg_align)
 
 
 def _out(name: str, t: torch.Tensor | None, shape, stride, dtype: torch.dtype, device) -> torch.Tensor:
@@ -520,7 +548,8 @@ def group_norm_forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | 
     mean = _out("mean", mean, (p.B, p.G), (p.G, 1), f32, dev)
     rstd = _out("rstd", rstd, (p.B, p.G), (p.G, 1), f32, dev)
     pmean = pm2 = mean  # stand-ins: read only when split
-    flags = dict(CHANNELS_LAST=p.channels_last, HAS_SHIFT=shift is not None, BLOCK_S=p.BLOCK_S,
+    flags = dict(CHANNELS_LAST=p.channels_last, CPG_ALIGN=p.CPG_ALIGN, HAS_SHIFT=shift is not None,
+                 BLOCK_S=p.BLOCK_S,
                  BLOCK_C=p.BLOCK_C, num_warps=p.num_warps)
     args = (p.C, p.HW, p.G, p.CPG, p.NS, p.n_chunks)
     with _device_guard(x):
@@ -563,7 +592,8 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, mean
     dsp = _empty((p.B, p.C, p.NS), f32, dev) if need_ds else mean
     s1p = s2p = mean
     w_arg, b_arg = (weight if has_w else x), (bias if has_b else x)
-    flags = dict(CHANNELS_LAST=p.channels_last, HAS_WEIGHT=has_w, HAS_BIAS=has_b, SILU=bool(silu),
+    flags = dict(CHANNELS_LAST=p.channels_last, CPG_ALIGN=p.CPG_ALIGN, HAS_WEIGHT=has_w, HAS_BIAS=has_b,
+                 SILU=bool(silu),
                  BLOCK_S=p.BLOCK_S, BLOCK_C=p.BLOCK_C, num_warps=p.num_warps)
     args = (p.C, p.HW, p.G, p.CPG, p.NS, p.n_chunks)
     with _device_guard(x):
@@ -673,16 +703,25 @@ class GroupNormSiLU(nn.Module):
 # ahead-of-time compile list for ``python -m kernels.inspect``
 # ----------------------------------------------------------------------------------------------
 
-# What gets compiled: every kernel in both layouts at the tile the planner picks at the SD shapes
-# (2 x 320 x 64 x 64: NCHW one channel by 4096 positions, channels_last 256 positions by 16 channel lanes
-# for CPG = 10), and the unsplit path at its largest group (8 x 8 x 40 channels). Every tile holds
-# MAX_TILE elements, the most per thread the planner gives. bf16 and fp32 cover the split path, fp16
-# the unsplit one: the kernels differ between dtypes only in their loads, stores and conversions.
-# The list stays short so that compiling it for both architectures takes well under a minute.
-_AOT_TILES = {"nchw": {"split": (4096, 1), "whole": (64, 64)}, "nhwc": {"split": (256, 16), "whole": (64, 64)}}
-_AOT_CASES = [(mode, dtype, layout) for layout in ("nchw", "nhwc")
-              for mode, dtypes in (("split", ("bf16", "fp32")), ("whole", ("fp16",))) for dtype in dtypes]
-_AOT_REDUCE = (("fp16", 1), ("bf16", PARTIAL_BLOCK), ("fp32", 1))  # (gradient dtype, BLOCK_NS)
+# What gets compiled, kept short so that both architectures build in well under a minute here:
+# every kernel in both layouts at the tile the planner picks at the largest SD shape (2 x 320 x 64 x 64:
+# NCHW one channel by 4096 positions, channels_last 256 positions by 16 channel lanes for CPG = 10),
+# and the unsplit path at its largest group (8 x 8 positions x 40 channels). Every tile holds MAX_TILE
+# elements, the most per thread the planner gives. Between dtypes the kernels differ only in loads,
+# stores and conversions: each kernel is built in at least two of fp16/bf16/fp32, the register-heaviest
+# config (channels_last, split) in both 2- and 4-byte types.
+_AOT_TILES = {  # layout -> mode -> (BLOCK_S, BLOCK_C, CPG_ALIGN)
+    "nchw": {"split": (4096, 1, 1), "whole": (64, 64, 1)},
+    "nhwc": {"split": (256, 16, 2), "whole": (64, 64, 8)},     # CPG = 10: pairs; CPG = 40: 8 channels
+}
+_AOT_CASES = (  # (kernels, mode, dtype, layout)
+    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "bf16", "nchw"),
+    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "fp32", "nhwc"),
+    (("gn_fwd", "gn_bwd"), "split", "bf16", "nhwc"),
+    (("gn_fwd",), "whole", "fp16", "nchw"),
+    (("gn_bwd",), "whole", "fp16", "nhwc"),
+)
+_AOT_REDUCE = (("fp32", 1), ("bf16", PARTIAL_BLOCK))  # (gradient dtype, BLOCK_NS): unsplit, most tiles per step
 
 
 def aot_specs() -> list:
@@ -701,22 +740,25 @@ def aot_specs() -> list:
         specs.append(AotSpec(kernel, config, fn, sig, constexprs, num_warps=warps, aligned=aligned))
 
     x_in = ("X", "W", "Bias", "Shift")
-    for mode, dtype, layout in _AOT_CASES:
-        bs, bc = _AOT_TILES[layout][mode]
+    for kernels_, mode, dtype, layout in _AOT_CASES:
+        bs, bc, align = _AOT_TILES[layout][mode]
         warps = max(1, min(8, bs * bc // (32 * ELEMS_PER_THREAD)))
-        tile = dict(CHANNELS_LAST=layout == "nhwc", BLOCK_S=bs, BLOCK_C=bc)
-        label = f"{dtype} {layout} {mode} S={bs} C={bc} w{warps}"
+        tile = dict(CHANNELS_LAST=layout == "nhwc", CPG_ALIGN=align, BLOCK_S=bs, BLOCK_C=bc)
+        label = f"{dtype} {layout} {mode} S={bs} C={bc}" + (f" A={align}" if align > 1 else "") + f" w{warps}"
         split = mode == "split"
-        if split:
+        if "gn_fwd_stats" in kernels_:
             add("gn_fwd_stats", label, _gn_fwd_stats_kernel, ("X", "Shift"), ("PMean", "PM2"), dtype,
                 dict(tile, HAS_SHIFT=True), warps)
+        if "gn_fwd" in kernels_:
+            add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
+                dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, extra={"eps": "fp32"})
+        if "gn_bwd_stats" in kernels_:
             add("gn_bwd_stats", label, _gn_bwd_stats_kernel, (*x_in, "DY"),
                 ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p"), dtype, dict(tile, **flags), warps)
-        add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
-            dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, extra={"eps": "fp32"})
-        add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
-            ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
-            dict(tile, **flags, STORE_DSHIFT=True, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps)
+        if "gn_bwd" in kernels_:
+            add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
+                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
+                dict(tile, **flags, STORE_DSHIFT=True, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps)
     for dtype, block_ns in _AOT_REDUCE:
         block_cr = REDUCE_TILE // block_ns
         add("gn_bwd_reduce", f"{dtype} CR={block_cr} NS={block_ns} w{REDUCE_WARPS}", _gn_bwd_reduce_kernel,

@@ -142,7 +142,9 @@ def test_large_mean_keeps_variance_accurate(seed, max_tile):
     _, mean_ref, rstd_ref, _ = reference(x, 2, w, b, s, 1e-5, True, torch.zeros(x.shape))
     _, mean, rstd = group_norm_forward(x, 2, w, b, 1e-5, True, s, max_tile=max_tile)
     assert_close("mean", mean, mean_ref, torch.float32)
-    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=1e-5, atol=0)
+    # x + shift rounds to fp32 near 1000 (3e-5 per element, against a std of 1): rstd keeps ~1e-5
+    # (a one-pass E[x^2] - E[x]^2 in fp32 is off by percents here)
+    torch.testing.assert_close(rstd.double(), rstd_ref, rtol=3e-5, atol=0)
     # y and the gradients: every fp32 value near 1000 carries 1000 * 2**-24 = 6e-5 of rounding,
     # which the normalization turns into that much error per unit of std
     check_autograd(x, 2, w, b, s, 1e-5, silu=True, max_tile=max_tile, tol=(1e-3, 1e-3))
@@ -171,6 +173,21 @@ def test_launchers_fill_preallocated_outputs(seed, layout, max_tile):
         assert got is buf
         assert_close(name, got, ref, torch.float32)
     assert y.stride() == x.stride()  # the output keeps x's memory layout
+
+
+@pytest.mark.parametrize("shape, nchw, channels_last", [  # (BLOCK_S, BLOCK_C, tiles per group, CPG_ALIGN)
+    ((2, 320, 64, 64), (4096, 1, 10, 1), (256, 16, 16, 2)),
+    ((2, 640, 32, 32), (1024, 4, 5, 1), (128, 32, 8, 4)),
+    ((2, 1280, 16, 16), (256, 16, 3, 1), (64, 64, 4, 8)),
+    ((1, 128, 8, 8), (64, 4, 1, 1), (64, 4, 1, 4)),       # a whole group in one tile
+])
+def test_plan_at_the_sd_shapes(shape, nchw, channels_last):
+    """The tiles kernels/groupnorm.md describes: the contiguous axis long, channels_last vectors."""
+    for cl, want in ((False, nchw), (True, channels_last)):
+        p = plan_group_norm(shape, 32, cl)
+        assert (p.BLOCK_S, p.BLOCK_C, p.n_chunks, p.CPG_ALIGN) == want
+        assert p.BLOCK_S * p.BLOCK_C <= gn.MAX_TILE and p.split == (p.n_chunks > 1)
+        assert p.BLOCK_S * p.BLOCK_C // (32 * p.num_warps) <= gn.ELEMS_PER_THREAD
 
 
 def test_backward_computes_only_what_is_asked(seed):
