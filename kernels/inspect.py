@@ -11,9 +11,20 @@ on sm_90). Exits 1 when any config spills or a matmul kernel has no tensor-core 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import sys
+
+
+def _inspect_one(job: tuple[str, int, int]) -> dict:
+    """Worker: compile spec number ``i`` of those matching ``kernel`` for ``arch``; plain data back."""
+    from kernels.aot import all_specs, inspect_spec
+
+    kernel, i, arch = job
+    r = inspect_spec([s for s in all_specs() if kernel in s.kernel][i], arch)
+    return {"registers": r.registers, "local_bytes": r.local_bytes, "shared_bytes": r.shared_bytes,
+            "hmma": r.hmma, "hgmma": r.hgmma, "ok": r.ok}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,12 +34,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="compute capabilities to compile for (80 = A100, 90 = H100/H200)")
     parser.add_argument("--kernel", default="", help="only kernels whose name contains this text")
     parser.add_argument("--json", default="", help="also write the table to this JSON file")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1,
+                        help="compile this many configs at once (default: one per CPU core)")
     args = parser.parse_args(argv)
 
     if os.environ.get("TRITON_INTERPRET", "0") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter's kernels cannot be compiled for a GPU")
 
-    from kernels.aot import all_specs, inspect_spec
+    from kernels.aot import all_specs
 
     specs = [s for s in all_specs() if args.kernel in s.kernel]
     if not specs:
@@ -38,17 +51,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{'HMMA':>5} {'HGMMA':>6}  ok")
     print(header)
     print("-" * len(header))
-    rows, failed = [], 0
-    for spec in specs:
-        for arch in args.arch:
-            r = inspect_spec(spec, arch)
-            failed += not r.ok
-            print(f"{spec.kernel:<22} {spec.config:<40} sm_{arch:<2} {r.registers:>5} {r.local_bytes:>6} "
-                  f"{r.shared_bytes:>7} {r.hmma:>5} {r.hgmma:>6}  {'yes' if r.ok else 'NO'}", flush=True)
-            rows.append({"kernel": spec.kernel, "config": spec.config, "arch": arch,
-                         "registers": r.registers, "local_bytes": r.local_bytes,
-                         "shared_bytes": r.shared_bytes, "hmma": r.hmma, "hgmma": r.hgmma,
-                         "uses_dot": spec.uses_dot, "ok": r.ok})
+    jobs = [(i, arch) for i in range(len(specs)) for arch in args.arch]
+    with concurrent.futures.ProcessPoolExecutor(max(1, args.jobs)) as pool:
+        results = pool.map(_inspect_one, [(args.kernel, i, arch) for i, arch in jobs])
+        rows = []
+        for (i, arch), r in zip(jobs, results):
+            spec = specs[i]
+            print(f"{spec.kernel:<22} {spec.config:<40} sm_{arch:<2} {r['registers']:>5} {r['local_bytes']:>6} "
+                  f"{r['shared_bytes']:>7} {r['hmma']:>5} {r['hgmma']:>6}  {'yes' if r['ok'] else 'NO'}", flush=True)
+            rows.append({"kernel": spec.kernel, "config": spec.config, "arch": arch, **r, "uses_dot": spec.uses_dot})
+    failed = sum(not r["ok"] for r in rows)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
