@@ -9,6 +9,9 @@ scaled by ``sigmas[0]``; ``sigmas`` decreases to 0 (``get_sigmas``). ``callback`
 progress bar off (None: off when not on a terminal). Stochastic samplers take ``generator=``.
 In these coordinates (x = x0 + sigma * noise) every update below is a few lines; the papers'
 alpha_t x0 + sigma_t eps forms are the same steps scaled by alpha_t.
+
+Image-to-image at strength s in (0, 1]: keep the last k = round(s * steps) steps,
+``sigmas[steps - k:]``, and start from ``init_latent + sigmas[steps - k] * noise``.
 """
 
 from __future__ import annotations
@@ -29,7 +32,10 @@ def get_sigmas(schedule: NoiseSchedule, steps: int, karras: bool = False, rho: f
 
     Default: timesteps evenly spaced from T-1 down to 0 (1000 steps on a T = 1000 schedule are
     exactly DDPM's). ``karras``: sigma^(1/rho) evenly spaced between sigma_max and sigma_min
-    (Karras et al. 2022, eq. 5), the schedule's ends unless given.
+    (Karras et al. 2022, eq. 5), the schedule's ends unless given; denser at low noise, it is the
+    one to use with few steps (DPM-Solver++ at 20 steps on the Gaussian mixture of
+    tests/test_samplers.py: even-t spacing misses its covariances by up to 0.08, ~12 standard
+    errors at 10000 samples; Karras spacing stays within sampling error).
     """
     if steps < 1:
         raise ValueError(f"get_sigmas: steps must be at least 1, got {steps}")

@@ -165,26 +165,61 @@ def test_ddim_eta_1_is_the_ddpm_posterior_and_eta_0_is_euler(seed):
     assert (a - c).abs().max() > 0.1  # and the stochastic one is not the deterministic one
 
 
-def test_ddpm_step_is_the_posterior_q_x_s_given_x_t_x0(seed):
-    """One DDPM step with a denoiser that knows x0, against the posterior of Ho et al. 2020 (eq. 7)
-    in the network's coordinates: with alpha = abar_t / abar_s and beta = 1 - alpha,
-    mean = sqrt(abar_s) beta / (1 - abar_t) x0 + sqrt(alpha) (1 - abar_s) / (1 - abar_t) x_t,
-    variance = (1 - abar_s) / (1 - abar_t) beta."""
-    i, j = 700, 650  # timesteps t > s
+def _paper_step(name, abar_t, abar_s, x0, x_t):
+    """One step t -> s with the true x0, as the papers write it in the network's coordinates
+    x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps: (mean, variance) of x_s."""
+    eps = (x_t - abar_t**0.5 * x0) / (1 - abar_t) ** 0.5
+    if name == "ddpm":  # Ho et al. 2020, eq. 7, with alpha = abar_t / abar_s and beta = 1 - alpha
+        alpha, beta = abar_t / abar_s, 1 - abar_t / abar_s
+        mean = abar_s**0.5 * beta / (1 - abar_t) * x0 + alpha**0.5 * (1 - abar_s) / (1 - abar_t) * x_t
+        return mean, (1 - abar_s) / (1 - abar_t) * beta
+    eta = float(name.split("=")[1])  # Song et al. 2021, eq. 12 with sigma_t(eta) of eq. 16
+    var = eta**2 * (1 - abar_s) / (1 - abar_t) * (1 - abar_t / abar_s)
+    return abar_s**0.5 * x0 + (1 - abar_s - var) ** 0.5 * eps, var
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim eta=0.5", "ddim eta=1"])
+def test_one_step_is_the_papers_step(name, seed):
+    """One step from timestep 700 to 650 with a denoiser that knows x0, over 40000 draws: mean and
+    variance in the network's coordinates against the paper's formula (5 standard errors)."""
+    i, j, n = 700, 650, 40_000
     abar_t, abar_s = SCHEDULE.alphas_cumprod[i].item(), SCHEDULE.alphas_cumprod[j].item()
     sigmas = SCHEDULE.sigmas[[i, j]]
     x0 = torch.randn(1, 2, dtype=torch.float64)
     x = x0 + sigmas[0] * torch.randn(1, 2, dtype=torch.float64)  # sampler coordinates
     know_x0 = lambda x, sigma: x0.expand_as(x)
-    out = sample_ddpm(know_x0, x.expand(40_000, 2), sigmas, disable=True)  # (n, 2) at sigma_s
-    out_t = out * abar_s**0.5  # to x_s = sqrt(abar_s) x0 + ... coordinates
-    alpha, beta = abar_t / abar_s, 1 - abar_t / abar_s
-    mean = abar_s**0.5 * beta / (1 - abar_t) * x0 + alpha**0.5 * (1 - abar_s) / (1 - abar_t) * (x * abar_t**0.5)
-    var = (1 - abar_s) / (1 - abar_t) * beta
-    se = (var / 40_000) ** 0.5
-    assert ((out_t.mean(0) - mean[0]).abs() < Z_TOL * se).all()
-    # sample variance of 40000 normals: se = var * sqrt(2 / n)
-    assert ((out_t.var(0) - var).abs() < Z_TOL * var * (2 / 40_000) ** 0.5).all()
+    g = torch.Generator().manual_seed(seed)
+    if name == "ddpm":
+        out = sample_ddpm(know_x0, x.expand(n, 2), sigmas, disable=True, generator=g)
+    else:
+        out = sample_ddim(know_x0, x.expand(n, 2), sigmas, disable=True, generator=g, eta=float(name.split("=")[1]))
+    mean, var = _paper_step(name, abar_t, abar_s, x0[0], x[0] * abar_t**0.5)
+    out_s = out * abar_s**0.5  # to the network's coordinates at s
+    assert ((out_s.mean(0) - mean).abs() < Z_TOL * (var / n) ** 0.5 + 1e-12).all()
+    assert ((out_s.var(0) - var).abs() < Z_TOL * var * (2 / n) ** 0.5).all()  # se of a sample variance
+
+
+def test_euler_churn_step_is_karras_algorithm_2(seed):
+    """One churned Euler step with a denoiser that knows x0 (Karras et al. 2022, Alg. 2): noise raises
+    sigma to sigma_hat = sigma (1 + gamma), gamma = min(s_churn / steps, sqrt 2 - 1), then the Euler
+    step gives x0 + (sigma_next / sigma_hat) (x_hat - x0): mean x0 + (sigma_next / sigma_hat) (x - x0),
+    variance (sigma_next / sigma_hat)^2 (sigma_hat^2 - sigma^2) s_noise^2."""
+    n, sigma, sigma_next, s_churn, s_noise = 40_000, 3.0, 2.0, 0.3, 0.9
+    x0 = torch.randn(1, 2, dtype=torch.float64)
+    x = x0 + sigma * torch.randn(1, 2, dtype=torch.float64)
+    seen, g = [], torch.Generator().manual_seed(seed)
+    out = sample_euler(lambda x, s: x0.expand_as(x), x.expand(n, 2), torch.tensor([sigma, sigma_next]), disable=True,
+                       callback=seen.append, s_churn=s_churn, s_noise=s_noise, generator=g)
+    sigma_hat = sigma * (1 + s_churn)
+    assert seen[0]["sigma"] == pytest.approx(sigma_hat)
+    mean = x0[0] + sigma_next / sigma_hat * (x[0] - x0[0])
+    var = (sigma_next / sigma_hat) ** 2 * (sigma_hat**2 - sigma**2) * s_noise**2
+    assert ((out.mean(0) - mean).abs() < Z_TOL * (var / n) ** 0.5).all()
+    assert ((out.var(0) - var).abs() < Z_TOL * var * (2 / n) ** 0.5).all()
+    # outside [s_tmin, s_tmax] there is no churn: the deterministic Euler step
+    out = sample_euler(lambda x, s: x0.expand_as(x), x, torch.tensor([sigma, sigma_next]), disable=True,
+                       s_churn=s_churn, s_tmax=2.5)
+    torch.testing.assert_close(out, x0 + sigma_next / sigma * (x - x0))
 
 
 def test_ddim_inversion_round_trips(seed):
