@@ -175,6 +175,8 @@ def ddim_invert(model, x, sigmas, extra_args=None, callback=None, disable=None, 
     Image Editing with Accelerated Iterative Diffusion Inversion").
     """
     s = _check_sigmas(sigmas)
+    if fixed_point_iters < 0:
+        raise ValueError(f"ddim_invert: fixed_point_iters must be >= 0, got {fixed_point_iters}")
     steps = len(s) - 1
     for n in trange(steps, disable=disable):
         i = steps - 1 - n  # invert sampling step i: sigma_to (larger) -> sigma_from (smaller)

@@ -19,8 +19,11 @@ Layout (for SD 1.x: 320 channels, multipliers 1, 2, 4, 4):
 
 Every layer holds the same parameters as its counterpart in diffusers' ``UNet2DConditionModel``
 (self-attention q/k/v fused into one ``qkv`` linear, cross-attention k/v into one ``kv``), so
-Stable Diffusion weights load by renaming keys. Attention runs through ``kernels.attention`` and
-every GroupNorm(+SiLU) through ``kernels.GroupNormSiLU``.
+Stable Diffusion weights load by renaming keys: down / mid / up = down_blocks / mid_block /
+up_blocks, res = resnets, attn = attentions, blocks = transformer_blocks, emb_proj = time_emb_proj,
+skip = conv_shortcut, resample = down/upsamplers.0, out = to_out.0, ff.proj / ff.out = ff.net.0.proj /
+ff.net.2, time_embed = time_embedding, norm_out = conv_norm_out. Attention runs through
+``kernels.attention`` and every GroupNorm(+SiLU) through ``kernels.GroupNormSiLU``.
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ TIME_EMBED_MULT = 4  # time-embedding width = TIME_EMBED_MULT * model_channels
 
 @dataclass
 class UNetConfig:
+    """Everything that shapes a UNet; saved as JSON beside its weights. Presets: ``UNET_CONFIGS``."""
+
     in_channels: int = 4
     out_channels: int = 4
     model_channels: int = 320  # width of level 0; level i has model_channels * channel_mult[i]
@@ -330,8 +335,8 @@ class UNet(nn.Module):
         self.conv_out = zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> UNet:
-        """Recompute each ResBlock and spatial transformer in the backward pass (less memory, ~30% more
-        compute). Active only while training with gradients on."""
+        """Keep only block inputs and run each ResBlock and spatial transformer again in the backward
+        pass: trades activation memory for a second forward. Active in training mode with gradients on."""
         self.gradient_checkpointing = enabled
         return self
 

@@ -365,3 +365,5 @@ def test_samplers_reject_bad_schedules():
             fn(lambda x, s: x, x, torch.tensor([0.0, 1.0, 2.0]), disable=True)
         with pytest.raises(ValueError, match="1-D"):
             fn(lambda x, s: x, x, torch.ones(2, 2), disable=True)
+    with pytest.raises(ValueError, match="fixed_point_iters"):
+        ddim_invert(lambda x, s: x, x, torch.tensor([1.0, 0.0]), fixed_point_iters=-1)
