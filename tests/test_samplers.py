@@ -53,15 +53,6 @@ def _cov(sx, sy, rho):
 S = torch.stack([_cov(0.5, 0.3, 0.6), _cov(0.4, 0.6, -0.5), _cov(0.3, 0.3, 0.0)])  # (K, 2, 2)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """These ops are tiny: a second thread only adds synchronisation (and stalls on a shared machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def mixture_denoiser(x, sigma, prior=None):
     """E[x0 | x0 + sigma noise = x] for the mixture, 2x2 algebra written out. x (N, 2), sigma (N,),
     prior (N, K) component weights (default W) -> (N, 2)."""

@@ -44,16 +44,6 @@ def inputs(cfg: UNetConfig, B=2, H=8, W=8, L=5, dtype=torch.float32):
     return x, t, {"context": context, "context_lengths": lengths}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are small enough that a second thread buys little on a free
-    2-core machine, and on a shared one (other jobs on the cores) it stalls every op many times over."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def tiny(seed):
     """The tiny preset with fresh weights from the test's seed."""
