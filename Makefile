@@ -27,7 +27,7 @@ demo: install
 	@echo "pictures: $(RUNS)/samples/grid.png (validation grids and training GIF in $(RUNS)/unet/)"
 
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n 2
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only
