@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from bench.report import markdown
 from kernels.dispatch import triton_available, triton_interpreted
 
 QUICK_ENV = "LDM_BENCH_QUICK"
@@ -129,8 +130,13 @@ def pytest_addoption(parser):
         help=f"CPU threads for torch (default {DEFAULT_CPU_THREADS}, or {THREADS_ENV}; 0: one per core)")
 
 
+START_LOAD = pytest.StashKey[float | None]()
+NOTES = pytest.StashKey[list]()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "quick: part of the quick subset (--bench-quick)")
+    config.stash[START_LOAD] = load_1m()
     threads = cpu_threads(config)
     if DEVICE.type == "cpu" and threads > 0:
         torch.set_num_threads(threads)
@@ -159,7 +165,7 @@ def session_info(config: pytest.Config) -> dict:
         "threads": torch.get_num_threads(),
         "quick": quick_mode(config),
         "triton_interpret": triton_interpreted(),
-        "load_1m_at_start": load_1m(),
+        "load_1m_at_start": config.stash.get(START_LOAD, None),
         "date": datetime.date.today().isoformat(),
     }
     if DEVICE.type == "cpu":
@@ -184,10 +190,7 @@ def pytest_report_header(config):
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["ldm"] = session_info(config)
-
-
-NOTES = pytest.StashKey[list]()
+    machine_info["ldm"] = {**session_info(config), "load_1m_at_end": load_1m()}  # called as the JSON is written
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
@@ -195,8 +198,6 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
     notes = config.stash.get(NOTES, [])
     session = getattr(config, "_benchmarksession", None)
     results = [b.as_dict(include_data=False) for b in getattr(session, "benchmarks", []) if not b.has_error]
-    from bench.report import markdown  # here: the report imports nothing of pytest's
-
     table = markdown(results, suites=("unet", "vae"), machine=None) if results else ""
     if not notes and not table.strip():
         return

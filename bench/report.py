@@ -22,6 +22,7 @@ FIGURES = {  # extra_info key -> unit
     "tflops": "TFLOP/s",
     "gbps": "GB/s",
 }
+MACHINE_KEYS = ("device", "peak", "cpu", "torch", "threads", "date", "load_1m_at_start", "load_1m_at_end", "quick")
 KERNELS_ON, KERNELS_OFF = "ours", "ours-torch"  # end to end: the same model with our kernels on and off
 
 
@@ -123,8 +124,7 @@ def markdown(benchmarks: list[dict], suites: tuple[str, ...] | None = None, mach
     lines = []
     if machine:
         ldm = machine.get("ldm", {})
-        desc = ", ".join(f"{k} {ldm[k]}" for k in ("device", "peak", "cpu", "torch", "threads", "date",
-                                                   "load_1m_at_start", "quick") if ldm.get(k) is not None)
+        desc = ", ".join(f"{k} {ldm[k]}" for k in MACHINE_KEYS if ldm.get(k) is not None)
         if desc:
             lines += [f"Machine: {desc}.", ""]
     for sec in sections(benchmarks, suites):
@@ -212,7 +212,8 @@ def chart(benchmarks: list[dict], path: str | Path, suites: tuple[str, ...] | No
         draw.line([plot_x0, top + 28, plot_x0, y], fill="gray", width=1)
         top += height
     path = Path(path)
-    img.save(path)
+    # a few flat colours and the text's grey levels: a palette image is a quarter of the size
+    img.convert("P", palette=Image.Palette.ADAPTIVE, colors=48).save(path, optimize=True)
     return path
 
 

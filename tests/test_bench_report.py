@@ -3,6 +3,7 @@ whose bars have the same proportions; once on a written sample with known times,
 of a real (quick) run of the benchmark suite."""
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -127,7 +128,9 @@ def test_report_of_a_recorded_quick_run(tmp_path):
     out = tmp_path / "run.json"
     cmd = [sys.executable, "-m", "pytest", "bench/test_attention_kernels.py", "--bench-quick", "--benchmark-only",
            "-k", "cross and forward", "--benchmark-json", str(out), "-q", "-p", "no:cacheprovider"]
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    # not an xdist worker: pytest-benchmark reads PYTEST_XDIST_WORKER and would turn the timings off
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "TRITON_INTERPRET=1 is set: the Triton interpreter is never timed" in done.stdout + done.stderr \
         or "need a CUDA GPU" in done.stdout
