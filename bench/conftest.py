@@ -16,7 +16,9 @@ every Triton provider is skipped with that reason rather than timing the interpr
 
 from __future__ import annotations
 
+import contextlib
 import datetime
+import gc
 import math
 import os
 import time
@@ -26,7 +28,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.report import markdown
+import kernels
+from bench.report import KERNELS_OFF, KERNELS_ON, markdown
 from kernels.dispatch import triton_available, triton_interpreted
 
 QUICK_ENV = "LDM_BENCH_QUICK"
@@ -36,6 +39,7 @@ THREADS_ENV = "LDM_BENCH_THREADS"
 # against 25 ms on one thread (load average 4.4). 0 keeps PyTorch's default (one per core).
 DEFAULT_CPU_THREADS = 1
 HALF_DTYPES = (torch.float16, torch.bfloat16)  # the dtypes the tensor-core peak applies to
+E2E_AMP_DTYPE = torch.bfloat16  # end to end on a GPU: bf16 autocast over fp32 weights (diffusers' mixed precision)
 
 
 @dataclass(frozen=True)
@@ -142,17 +146,27 @@ def pytest_configure(config):
         torch.set_num_threads(threads)
 
 
+def cpu_time_timer(config: pytest.Config) -> bool:
+    """On a CPU with one torch thread, time with the process's CPU time (``time.process_time``)
+    rather than the wall clock, unless ``--benchmark-timer`` names another: on a shared machine the
+    wall clock counts the time other people's jobs hold the core, which moved the same UNet step by
+    up to 30 % between runs at load 3-4; the CPU time of one thread does not."""
+    default = config.getoption("benchmark_timer", default=None) in (None, "time.perf_counter")
+    return DEVICE.type == "cpu" and cpu_threads(config) == 1 and default
+
+
 def pytest_collection_modifyitems(config, items):
-    if not quick_mode(config):
-        return
     here = Path(__file__).parent.resolve()
-    keep, drop = [], []
-    for item in items:
-        in_bench = here in Path(str(item.path)).resolve().parents
-        (drop if in_bench and item.get_closest_marker("quick") is None else keep).append(item)
-    if drop:
-        config.hook.pytest_deselected(items=drop)
-        items[:] = keep
+    ours = [item for item in items if here in Path(str(item.path)).resolve().parents]
+    if cpu_time_timer(config):
+        for item in ours:
+            if item.get_closest_marker("benchmark") is None:
+                item.add_marker(pytest.mark.benchmark(timer=time.process_time))
+    if quick_mode(config):
+        drop = [item for item in ours if item.get_closest_marker("quick") is None]
+        if drop:
+            config.hook.pytest_deselected(items=drop)
+            items[:] = [item for item in items if item not in set(drop)]
 
 
 def session_info(config: pytest.Config) -> dict:
@@ -163,6 +177,7 @@ def session_info(config: pytest.Config) -> dict:
         "torch": torch.__version__,
         "cuda": torch.version.cuda if DEVICE.type == "cuda" else None,
         "threads": torch.get_num_threads(),
+        "timer": "process_time (CPU time, one thread)" if cpu_time_timer(config) else "perf_counter (wall clock)",
         "quick": quick_mode(config),
         "triton_interpret": triton_interpreted(),
         "load_1m_at_start": config.stash.get(START_LOAD, None),
@@ -182,7 +197,7 @@ def pytest_report_header(config):
     info = session_info(config)
     lines = [f"ldm bench: device {info['device']}, peak {info['peak'] or 'not in the table (no roofline fractions)'}",
              f"ldm bench: quick mode {'on' if info['quick'] else 'off'}, torch {info['torch']}, "
-             f"threads {info['threads']}, load average {info['load_1m_at_start']}"]
+             f"threads {info['threads']}, timer {info['timer']}, load average {info['load_1m_at_start']}"]
     reason = triton_skip_reason()
     if reason:
         lines.append(f"ldm bench: Triton providers skipped: {reason}")
@@ -252,7 +267,6 @@ def mode_call(mode: str, fn, inputs: tuple[torch.Tensor, ...], grad_out: torch.T
     return lambda: torch.autograd.grad(fn(*inputs), inputs, dout)
 
 
-
 class Bench:
     """What a benchmark needs beside pytest-benchmark's fixture: the device, quick mode, labels,
     the interpreter guard and the timing helper."""
@@ -263,6 +277,7 @@ class Bench:
         self.device = DEVICE
         self.quick = quick_mode(config)
         self.torch_device = torch.device(DEVICE.type)
+        self.clock = time.process_time if cpu_time_timer(config) else time.perf_counter  # as the marker's
 
     mode_call = staticmethod(mode_call)
 
@@ -283,6 +298,58 @@ class Bench:
         self.benchmark.group = f"{suite} {mode} {dtype} {case}"
         self.benchmark.extra_info.update(suite=suite, case=case, mode=mode, dtype=dtype, provider=provider,
                                          baseline=baseline, device=self.device.name, **extra)
+
+    # ------------------------------------------------------------------ end to end (UNet, VAE)
+    @property
+    def e2e_dtype(self) -> str:
+        return "bfloat16 autocast" if self.device.type == "cuda" else "float32"
+
+    def autocast(self):
+        """The end-to-end runs' precision: bf16 autocast on a GPU, plain fp32 on the CPU."""
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=E2E_AMP_DTYPE)
+        return contextlib.nullcontext()
+
+    def provider_skip_reason(self, provider: str) -> str | None:
+        """Why ``provider`` cannot be timed here: our kernels on (``KERNELS_ON``) on a GPU need Triton,
+        not its interpreter."""
+        if provider == KERNELS_ON and self.device.type == "cuda":
+            return triton_skip_reason(self.device)
+        return None
+
+    def check_provider(self, provider: str) -> None:
+        reason = self.provider_skip_reason(provider)
+        if reason:
+            pytest.skip(reason)
+
+    def as_provider(self, provider: str, fn):
+        """``fn`` as ``provider`` runs it: with our kernels off (``KERNELS_OFF``) inside
+        ``kernels.use_backend("torch")``, as it is otherwise."""
+        if provider != KERNELS_OFF:
+            return fn
+
+        def run():
+            with kernels.use_backend("torch"):
+                fn()
+
+        return run
+
+    def kernels_info(self, provider: str) -> dict:
+        """What runs under ``provider`` (for extra_info), and what the on / off ratio means here."""
+        if provider not in (KERNELS_ON, KERNELS_OFF):
+            return {"backends": f"{provider}: its own modules (PyTorch ops)"}
+        probe = torch.zeros(1, device=self.torch_device)
+        with kernels.use_backend("torch") if provider == KERNELS_OFF else contextlib.nullcontext():
+            backends = ", ".join(f"{op} {kernels.resolve_backend(op, 'auto', probe)}" for op in kernels.dispatch.OPS)
+        note = ("CPU: on and off both run PyTorch's ops (the Triton kernels need CUDA); the ratio is noise"
+                if self.device.type == "cpu" else "GPU: on = Triton attention + GroupNorm, off = SDPA + F.group_norm")
+        return {"backends": backends, "kernels_note": note}
+
+    @staticmethod
+    def free_memory() -> None:
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
     def time(self, build, *, flops: float = 0.0, nbytes: float = 0.0, items: float = 0.0,
              item_unit: str = "images", dtype: torch.dtype | None = None, budget_s: float | None = None,
@@ -321,7 +388,44 @@ class Bench:
         info.update(calls_per_round=k, input_copies=n)
 
         self.benchmark.pedantic(_cycle(calls, k, dev.sync), rounds=rounds, iterations=k, warmup_rounds=0)
-        stats = self.benchmark.stats
+        return self._derive(flops=flops, nbytes=nbytes, items=items, item_unit=item_unit, dtype=dtype)
+
+    def interleave(self, calls: dict, *, budget_s: float, min_rounds: int) -> dict[str, list[float]]:
+        """Time several providers' calls (name -> callable, one unit of work each) in alternation:
+        one call of each per round, the order rotating from round to round, so that every provider
+        sees the same stretch of a shared machine's load. A warm-up call of each first. Returns the
+        seconds of every timed call per provider; hand them to ``replay`` in each provider's test."""
+        dev, clock, warm = self.device, self.clock, {}
+        for name, call in calls.items():
+            t0 = clock()
+            call()
+            dev.sync()
+            warm[name] = clock() - t0
+        if self.quick:
+            rounds = QUICK_ROUNDS
+        else:
+            rounds = int(min(MAX_ROUNDS, max(min_rounds, round(budget_s / max(sum(warm.values()), 1e-9)))))
+        names, out = list(calls), {name: [] for name in calls}
+        for r in range(rounds):
+            for name in names[r % len(names):] + names[:r % len(names)]:
+                dev.sync()
+                t0 = clock()
+                calls[name]()
+                dev.sync()
+                out[name].append(clock() - t0)
+        return out
+
+    def replay(self, durations: list[float], *, items: float = 0.0, item_unit: str = "images") -> float | None:
+        """Record durations measured by ``interleave`` as this test's rounds (pytest-benchmark times a
+        no-op against a clock that advances by one duration per round), then derive the figures."""
+        self.benchmark.extra_info.update(load_1m=load_1m(), interleaved=True)
+        self.benchmark._timer = _Replay(durations, f"interleaved {self.clock.__name__}")  # read per round
+        self.benchmark.pedantic(lambda: None, rounds=len(durations), iterations=1, warmup_rounds=0)
+        return self._derive(items=items, item_unit=item_unit)
+
+    def _derive(self, *, flops: float = 0.0, nbytes: float = 0.0, items: float = 0.0, item_unit: str = "images",
+                dtype: torch.dtype | None = None) -> float | None:
+        stats, info = self.benchmark.stats, self.benchmark.extra_info
         if stats is None:  # --benchmark-disable: the target ran once, untimed
             return None
         t = stats.stats.median
@@ -331,13 +435,27 @@ class Bench:
             info["gbps"] = nbytes / t / 1e9
         if items:
             info[f"{item_unit}_per_s"] = items / t
-        peak = dev.peak
+        peak = self.device.peak
         if peak is not None:
             compute = flops / (peak.tflops * 1e12) if flops and dtype in HALF_DTYPES else 0.0
             memory = nbytes / (peak.gbps * 1e9) if nbytes else 0.0
             if compute or (memory and not flops):
                 info["roofline_fraction"] = max(compute, memory) / t
         return t
+
+
+class _Replay:
+    """A clock for pytest-benchmark that replays measured durations: its runner reads the clock
+    before and after each round, and the k-th round comes out as durations[k]."""
+
+    def __init__(self, durations: list[float], name: str):
+        self.durations, self.now, self.inside, self.__name__ = iter(durations), 0.0, False, name
+
+    def __call__(self) -> float:
+        if self.inside:
+            self.now += next(self.durations)
+        self.inside = not self.inside
+        return self.now
 
 
 @pytest.fixture

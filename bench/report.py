@@ -22,7 +22,8 @@ FIGURES = {  # extra_info key -> unit
     "tflops": "TFLOP/s",
     "gbps": "GB/s",
 }
-MACHINE_KEYS = ("device", "peak", "cpu", "torch", "threads", "date", "load_1m_at_start", "load_1m_at_end", "quick")
+MACHINE_KEYS = ("device", "peak", "cpu", "torch", "threads", "timer", "date", "load_1m_at_start", "load_1m_at_end",
+                "quick")
 KERNELS_ON, KERNELS_OFF = "ours", "ours-torch"  # end to end: the same model with our kernels on and off
 
 
@@ -132,6 +133,9 @@ def markdown(benchmarks: list[dict], suites: tuple[str, ...] | None = None, mach
                   f"Median time · speedup over `{sec.baseline}` (its time / this time; > 1 is faster)"
                   " · derived figures.",
                   ""]
+        if any(r.info.get("interleaved") for r in sec.cells.values()):
+            lines += ["The providers were timed in alternation, one call of each per round, so all saw the same load.",
+                      ""]
         lines.append("| case | " + " | ".join(sec.providers) + " |")
         lines.append("|---|" + "---|" * len(sec.providers))
         for case in sec.cases:

@@ -19,14 +19,10 @@ ratio there only shows the run's noise, and each result says so.
 
 from __future__ import annotations
 
-import contextlib
-import gc
-
 import pytest
 import torch
 import torch.nn as nn
 
-import kernels
 from ldm.diffusion import Denoiser, NoiseSchedule, diffusion_loss
 from ldm.samplers import CFGDenoiser, get_sigmas, sample_dpmpp_2m
 from ldm.unet import TIME_EMBED_MULT, UNET_CONFIGS, UNet, UNetConfig, count_parameters
@@ -39,13 +35,11 @@ LATENT = 64 if ON_GPU else 8
 TRAIN_BATCH = {"full": 8 if ON_GPU else 16, "quick": 1 if ON_GPU else 2}
 SAMPLE_BATCH = {"full": 4, "quick": 1}
 STEPS, GUIDANCE, TEXT_TOKENS = 25, 7.5, 77
-AMP_DTYPE = torch.bfloat16 if ON_GPU else None
-DTYPE_LABEL = "bfloat16 autocast" if ON_GPU else "float32"
 SCHEDULE = "scaled_linear"  # SD 1.x's
-PROVIDERS = ("ours", "ours-torch", "diffusers")
+PROVIDERS = ("ours", "ours-torch", "diffusers")  # our kernels on, off (bench.report.KERNELS_ON / _OFF)
 BASELINE = "diffusers"
-BUDGET_S = 5.0 if ON_GPU else 3.0  # measured time per benchmark, at least MIN_ROUNDS rounds
-MIN_ROUNDS = 5 if ON_GPU else 3
+BUDGET_S = 5.0  # measured time per benchmark, at least MIN_ROUNDS rounds (the CPU is shared: more rounds)
+MIN_ROUNDS = 5
 
 
 class NotExpressible(ValueError):
@@ -106,29 +100,25 @@ class DiffusersContract(nn.Module):
 
 @pytest.fixture(scope="module")
 def unets():
-    """{"ours": UNet, "diffusers": model or the reason it cannot be built}, parameters counted."""
+    """{"ours": UNet, "diffusers": model or the reason it cannot be built}, initialized on the device."""
     dev = torch.device("cuda" if ON_GPU else "cpu")
     cfg = UNET_CONFIGS[PRESET]
     torch.manual_seed(0)
-    out = {"ours": UNet(cfg).to(dev)}
-    try:
-        out["diffusers"] = DiffusersContract(diffusers_unet(cfg, LATENT)).to(dev)
-    except ImportError as e:
-        out["diffusers"] = f"diffusers is not importable: {e}"
-    except NotExpressible as e:
-        out["diffusers"] = f"diffusers' UNet2DConditionModel cannot express the '{PRESET}' config: {e}"
+    with dev:  # initialize 860M parameters where they live, not on the CPU
+        out = {"ours": UNet(cfg).to(dev)}  # .to: a no-op unless some buffer came from numpy
+        try:
+            out["diffusers"] = DiffusersContract(diffusers_unet(cfg, LATENT)).to(dev)
+        except ImportError as e:
+            out["diffusers"] = f"diffusers is not importable: {e}"
+        except NotExpressible as e:
+            out["diffusers"] = f"diffusers' UNet2DConditionModel cannot express the '{PRESET}' config: {e}"
+    out["runs"] = {}  # mode -> provider -> seconds per round, measured for all providers at once
     yield out
     out.clear()
-    gc.collect()
-    if ON_GPU:
-        torch.cuda.empty_cache()
 
 
-def _autocast():
-    return torch.autocast("cuda", dtype=AMP_DTYPE) if AMP_DTYPE is not None else contextlib.nullcontext()
-
-
-def _train_step(model: nn.Module, cfg: UNetConfig, batch: int, dev: torch.device):
+def _train_step(bench, model: nn.Module, cfg: UNetConfig, batch: int):
+    dev = bench.torch_device
     schedule = NoiseSchedule.from_name(SCHEDULE)
     x0 = torch.randn(batch, cfg.in_channels, LATENT, LATENT, device=dev)
     context = torch.randn(batch, TEXT_TOKENS, cfg.context_dim, device=dev)
@@ -136,7 +126,7 @@ def _train_step(model: nn.Module, cfg: UNetConfig, batch: int, dev: torch.device
     model.train()
 
     def step():
-        with _autocast():
+        with bench.autocast():
             loss = diffusion_loss(model, x0, schedule, context=context).mean()
         loss.backward()
         opt.step()
@@ -145,7 +135,8 @@ def _train_step(model: nn.Module, cfg: UNetConfig, batch: int, dev: torch.device
     return step
 
 
-def _sample(model: nn.Module, cfg: UNetConfig, batch: int, dev: torch.device):
+def _sample(bench, model: nn.Module, cfg: UNetConfig, batch: int):
+    dev = bench.torch_device
     schedule = NoiseSchedule.from_name(SCHEDULE)
     sigmas = get_sigmas(schedule, STEPS, karras=True, device=dev)
     denoiser = CFGDenoiser(Denoiser(model, schedule), GUIDANCE)
@@ -155,30 +146,33 @@ def _sample(model: nn.Module, cfg: UNetConfig, batch: int, dev: torch.device):
     model.eval()
 
     def run():
-        with _autocast():
+        with bench.autocast():
             sample_dpmpp_2m(denoiser, x, sigmas, extra_args={"context": context, "uncond_context": uncond},
                             disable=True)
 
     return run
 
 
-def _kernels_off(fn):
-    def run():
-        with kernels.use_backend("torch"):
-            fn()
-
-    return run
+def _provider_calls(bench, unets, mode: str, batch: int) -> dict:
+    """One unit of work per provider that can run here. Ours with kernels on and off share the
+    model and its optimizer (the same parameters): the off call is the on call inside
+    ``kernels.use_backend("torch")``."""
+    cfg, make = UNET_CONFIGS[PRESET], _train_step if mode == "train step" else _sample
+    ours = make(bench, unets["ours"], cfg, batch)
+    calls = {"ours": ours, "ours-torch": bench.as_provider("ours-torch", ours)}
+    if not isinstance(unets["diffusers"], str):
+        calls["diffusers"] = make(bench, unets["diffusers"], cfg, batch)
+    return {p: call for p, call in calls.items() if bench.provider_skip_reason(p) is None}
 
 
 @pytest.mark.parametrize("provider", PROVIDERS)
 @pytest.mark.parametrize("mode", ("train step", "sample"))
 def test_unet(bench, unets, mode, provider):
-    cfg, dev = UNET_CONFIGS[PRESET], bench.torch_device
-    model = unets["ours" if provider != "diffusers" else "diffusers"]
-    if isinstance(model, str):
-        pytest.skip(model)
-    if provider == "ours" and ON_GPU:
-        bench.skip_unless_triton()  # never time the interpreter
+    """The first provider's test of a mode times every provider, rounds interleaved (see
+    ``Bench.interleave``: each sees the same stretch of the machine's load); each test records its own."""
+    if isinstance(unets[provider if provider == "diffusers" else "ours"], str):
+        pytest.skip(unets["diffusers"])
+    bench.check_provider(provider)
     size = "quick" if bench.quick else "full"
     batch = (TRAIN_BATCH if mode == "train step" else SAMPLE_BATCH)[size]
     n_ours = count_parameters(unets["ours"])
@@ -188,23 +182,14 @@ def test_unet(bench, unets, mode, provider):
     case = f"{PRESET} {LATENT}x{LATENT} latents, batch {batch}"
     if mode == "sample":
         case += f", {STEPS} DPM-Solver++(2M) steps, CFG {GUIDANCE}"
-    probe = torch.zeros(1, device=dev)
-    with kernels.use_backend("torch") if provider == "ours-torch" else contextlib.nullcontext():
-        attention_backend = kernels.resolve_backend("attention", "auto", probe)
-        groupnorm_backend = kernels.resolve_backend("groupnorm", "auto", probe)
-    if provider == "diffusers":
-        backends = "diffusers' own (SDPA attention, nn.GroupNorm)"
-    else:
-        backends = f"attention {attention_backend}, groupnorm {groupnorm_backend}"
-    note = ("CPU: on and off both run PyTorch's ops (the Triton kernels need CUDA); the ratio is noise"
-            if not ON_GPU else "GPU: on = Triton attention + GroupNorm, off = SDPA + F.group_norm")
-    bench.label(suite="unet", case=case, mode=mode, dtype=DTYPE_LABEL, provider=provider, baseline=BASELINE,
+    bench.label(suite="unet", case=case, mode=mode, dtype=bench.e2e_dtype, provider=provider, baseline=BASELINE,
                 show=["images_per_s"], params=n_diffusers if provider == "diffusers" else n_ours,
-                params_ours=n_ours, params_diffusers=n_diffusers, batch=batch, backends=backends,
-                kernels_note=note, **({"steps": STEPS, "guidance": GUIDANCE} if mode == "sample" else {}))
-
-    def build():
-        fn = (_train_step if mode == "train step" else _sample)(model, cfg, batch, dev)
-        return _kernels_off(fn) if provider == "ours-torch" else fn
-
-    bench.time(build, items=batch, item_unit="images", budget_s=BUDGET_S, min_rounds=MIN_ROUNDS)
+                params_ours=n_ours, params_diffusers=n_diffusers, batch=batch, **bench.kernels_info(provider),
+                **({"steps": STEPS, "guidance": GUIDANCE} if mode == "sample" else {}))
+    runs = unets["runs"]
+    if mode not in runs:
+        calls = _provider_calls(bench, unets, mode, batch)
+        runs[mode] = bench.interleave(calls, budget_s=BUDGET_S * len(calls), min_rounds=MIN_ROUNDS)
+        del calls
+        bench.free_memory()
+    bench.replay(runs[mode][provider], items=batch)
