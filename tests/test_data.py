@@ -190,8 +190,9 @@ def test_reader_reports_no_shape_on_a_blank_image():
 def test_stream_positions_do_not_depend_on_batching(seed):
     ds = ShapesDataset(16, length=10, seed=seed)
     stream = ShuffledStream(ds, seed=seed)
-    whole = torch.cat([b["image"] for _, b in zip(range(6), stream.loader(5, 0), strict=False)])  # 30 positions, 3 epochs
-    resumed = torch.cat([b["image"] for _, b in zip(range(3), stream.loader(7, 9), strict=False)])  # positions 9 .. 29
+    # 30 positions (3 epochs), then positions 9 .. 29 in batches of another size
+    whole = torch.cat([b["image"] for _, b in zip(range(6), stream.loader(5, 0), strict=False)])
+    resumed = torch.cat([b["image"] for _, b in zip(range(3), stream.loader(7, 9), strict=False)])
     assert torch.equal(whole[9:30], resumed)
     texts = [b for _, batch in zip(range(2), stream.loader(5, 10), strict=False) for b in batch["text"]]
     assert sorted(texts) == sorted(ds[i]["text"] for i in range(10))  # one epoch visits every item once

@@ -22,7 +22,7 @@ from ldm.eval_vae import psnr, ssim
 from ldm.pretrained import load_vae
 
 # a run small enough for seconds on two cores: 16 x 16 shapes, 4 latent pixels a side
-SMALL = ["--resolution", "16", "--batch-size", "8", "--threads", "2", "--quiet", "--log-every", "1"]
+SMALL = ["--resolution", "16", "--batch-size", "8", "--threads", "1", "--quiet", "--log-every", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, seed, monkeypa
     monkeypatch.setattr(train_vae, "psnr", real_psnr)
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     assert not (tmp_path / "cut" / "vae.safetensors").exists()
-    assert train_vae.main(["--out", str(tmp_path / "cut"), "--resume", "--threads", "2", "--quiet"]) == 0
+    assert train_vae.main(["--out", str(tmp_path / "cut"), "--resume", "--threads", "1", "--quiet"]) == 0
     _assert_same_weights(tmp_path / "whole", tmp_path / "cut")
     steps = [json.loads(line)["step"] for line in open(tmp_path / "cut" / "metrics.jsonl")]
     assert steps == list(range(1, 7))
@@ -187,7 +187,7 @@ def test_kill_9_at_any_moment_then_resume_equals_an_uninterrupted_run(tmp_path, 
     step = int(latest.read_text().strip().split("_")[1])
     assert step >= 4
     total = str(step + 3)
-    assert train_vae.main(["--out", str(tmp_path / "killed"), "--resume", "--steps", total, "--threads", "2",
+    assert train_vae.main(["--out", str(tmp_path / "killed"), "--resume", "--steps", total, "--threads", "1",
                            "--quiet"]) == 0
     assert train_vae.main(["--out", str(tmp_path / "whole"), "--steps", total] + common) == 0
     _assert_same_weights(tmp_path / "whole", tmp_path / "killed")
