@@ -69,7 +69,7 @@ def test_vae_train_step(benchmark, preset, provider, layout):
         step(model, x).backward()
         opt.step()
 
-    benchmark.pedantic(train_step, rounds=5, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(train_step, rounds=3, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
         provider=provider, preset=preset, layout=layout, resolution=resolution, batch=batch,
         parameters=num_parameters(model), threads=torch.get_num_threads(),
