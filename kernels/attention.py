@@ -9,7 +9,12 @@ The Triton path is FlashAttention-2 (Tri Dao, "FlashAttention-2: Faster Attentio
 Parallelism and Work Partitioning", 2023): a tile of queries stays on chip while blocks of keys and
 values stream past it, with an online softmax (running max and sum in fp32, exp2 with the scale
 folded into log2 e); the logsumexp is saved, and the backward recomputes the probabilities from it.
-The notes in ``kernels/attention.md`` give the algorithm, the config table and the roofline.
+The backward adds dQ up with fp32 atomics inside the dK/dV kernel where that pays (long key
+sequences; 5 matmuls, as FlashAttention-2), or runs a dQ kernel of its own (7 matmuls, bitwise
+reproducible: ``deterministic=True`` or ``LDM_ATTENTION_DETERMINISTIC=1``). Head dims that are not
+a power of two run as a power-of-two chunk plus a power-of-two tail (40 = 32 + 16, 80 = 64 + 16,
+160 = 128 + 32). The notes in ``kernels/attention.md`` give the algorithm, the config table and
+the roofline.
 
 Chain: ``_attn_fwd_kernel`` -> ``attention_forward`` and ``_attn_bwd_*_kernel`` ->
 ``attention_backward`` -> ``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
@@ -20,6 +25,7 @@ elsewhere.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -90,9 +96,13 @@ def key_padding_mask(key_lengths: torch.Tensor, n_keys: int) -> torch.Tensor:
 # Offsets of a batch and a head are taken in int64, so tensors may exceed 2**31 elements; within
 # one (batch, head) slice the launcher checks that offsets fit in int32.
 #
-# The head dim D is a constexpr (HEAD_DIM) and tiles are BLOCK_D = next power of two >= D wide:
-# loads and stores are masked on d < HEAD_DIM, so D = 40, 80, 160 need no padded copies, and for
-# a power-of-two D the mask folds away at compile time.
+# The head dim D is a constexpr (HEAD_DIM), covered by one or two power-of-two chunks of columns
+# (head_dim_chunks): a main chunk of BLOCK_D and, where D is not a power of two and it saves work,
+# a tail of TAIL_D columns from BLOCK_D on (TAIL_D = 0: no tail, its code compiled out). Each
+# product that sums over D (q k^T, dO v^T) is two tl.dots into one accumulator; each product with
+# D columns (P v, dS k, P^T dO, dS^T q) has one accumulator per chunk. Loads and stores are masked
+# on d < HEAD_DIM, so D = 40, 80, 160 run as 32 + 16, 64 + 16, 128 + 32 (48, 80, 160 columns, not
+# the 64, 128, 256 of one power-of-two tile) with no padded copies.
 
 if triton_available():
     import triton
@@ -105,7 +115,9 @@ if triton_available():
     def _device_fn(fn):
         """@triton.jit for a device helper, except under the interpreter: there every call of a
         jitted helper re-patches triton.language (milliseconds, most of the test time), while a
-        plain function runs inside the calling kernel's patch and computes the same thing."""
+        plain function runs inside the calling kernel's patch and computes the same thing. Some of
+        triton.language is such a helper (tl.zeros, tl.cdiv): the kernels make their zero tiles
+        before the loops, not in them (on a GPU a zero tile is a constant either way)."""
         return fn if triton_interpreted() else triton.jit(fn)
 
     @_device_fn
@@ -168,6 +180,31 @@ if triton_available():
             kv_len = tl.minimum(tl.maximum(tl.load(KeyLengths + b), 0), Nk)
         return kv_len
 
+    @_device_fn
+    def _load_tile(Base, rows, stride_row, cols, stride_d, mask, ALIGNED: tl.constexpr):
+        """The (rows, cols) tile of a (N, D) slice (one chunk of the head dim), 0 where mask is false."""
+        return tl.load(_tile_ptrs(Base, rows, stride_row, cols, stride_d, ALIGNED), mask=mask, other=0.0)
+
+    @_device_fn
+    def _store_tile(Base, rows, stride_row, cols, stride_d, x, mask, ALIGNED: tl.constexpr, UPCAST: tl.constexpr):
+        """Round the fp32 tile x to Base's dtype and store it at (rows, cols) where mask is true."""
+        x = _round(x, Base.dtype.element_ty, UPCAST).to(Base.dtype.element_ty)
+        tl.store(_tile_ptrs(Base, rows, stride_row, cols, stride_d, ALIGNED), x, mask=mask)
+
+    @_device_fn
+    def _add_tile(Base, rows, stride_row, cols, stride_d, x, mask, ALIGNED: tl.constexpr):
+        """Atomically add the fp32 tile x into the fp32 slice at (rows, cols) where mask is true.
+        Relaxed order: nothing reads the sums before the kernel ends, so no fence is needed."""
+        tl.atomic_add(_tile_ptrs(Base, rows, stride_row, cols, stride_d, ALIGNED), x, mask=mask, sem="relaxed")
+
+    # Masks of a (rows, chunk) tile are rows_ok[:, None] & cols_ok[None, :], with the column test
+    # (d < HEAD_DIM) made once per kernel and the tile mask once per step, shared by every load of
+    # those rows (the compiler would fold repeats; the interpreter would compute each one).
+    # In each loop, a tail chunk's tl.dot comes before the main chunk's: on sm_80 Triton lets the
+    # kernel's last dot choose how the warps split every chained dot (all along the longer side of
+    # its output), and the main chunk's dot is the one to fit; with the tail's narrow output last,
+    # 8 warps went along M and 32- or 64-row tiles were computed two to four times over (spills).
+
     @triton.jit
     def _attn_fwd_kernel(
         Q,  # pointer to queries, shape (B, Nq, H, D), any strides
@@ -183,7 +220,8 @@ if triton_available():
         H, Nq, Nk,  # heads, queries, keys
         qk_scale,  # softmax scale * log2(e): scores go straight into exp2
         HEAD_DIM: tl.constexpr,  # D
-        BLOCK_D: tl.constexpr,  # next power of two >= max(D, 16)
+        BLOCK_D: tl.constexpr,  # main chunk of the head dim, a power of two (see head_dim_chunks)
+        TAIL_D: tl.constexpr,  # tail chunk, columns BLOCK_D .. BLOCK_D + TAIL_D; 0: none, compiled out
         BLOCK_M: tl.constexpr,  # queries per program
         BLOCK_N: tl.constexpr,  # keys per step of the inner loop
         HAS_KEY_LENGTHS: tl.constexpr,
@@ -205,36 +243,51 @@ if triton_available():
         V = _head(V, b, h, stride_vb, stride_vh)
         Out = _head(Out, b, h, stride_ob, stride_oh)
 
-        q = tl.load(_tile_ptrs(Q, offs_m, stride_qn, offs_d, stride_qd, ALIGNED),
-                    mask=m_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = _load_tile(Q, offs_m, stride_qn, offs_d, stride_qd, q_mask, ALIGNED)  # (BLOCK_M, BLOCK_D)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) v
+        if TAIL_D > 0:  # the same for the tail columns of the head dim
+            offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+            t_ok = offs_t < HEAD_DIM
+            q_mask_t = m_ok[:, None] & t_ok[None, :]
+            q_t = _load_tile(Q, offs_m, stride_qn, offs_t, stride_qd, q_mask_t, ALIGNED)  # (BLOCK_M, TAIL_D)
+            acc_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)  # running max of the scores, log2 units
         l_i = tl.zeros([BLOCK_M], tl.float32)  # running sum of exp2(score - m_i)
-        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)  # running sum of exp2(score - m_i) v
+        zero_s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # each step's scores start from it (see _device_fn)
         # Only blocks holding a valid key are visited, so every step sees at least one finite
         # score per row: m_i is finite after the first step and exp2(m_i - m_new) never meets -inf - -inf.
         for start_n in range(0, kv_len, BLOCK_N):
             n = start_n + offs_n
             n_ok = n < kv_len
+            s = zero_s
+            if TAIL_D > 0:  # q k^T sums over both chunks of D
+                kv_mask_t = n_ok[:, None] & t_ok[None, :]
+                k_t = _load_tile(K, n, stride_kn, offs_t, stride_kd, kv_mask_t, ALIGNED)
+                s = _mma(q_t, tl.trans(k_t), s, UPCAST)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(_tile_ptrs(K, n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
-            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST) * qk_scale
-            s = tl.where(n_ok[None, :], s, float("-inf"))
+            k = _load_tile(K, n, stride_kn, offs_d, stride_kd, kv_mask, ALIGNED)
+            s = _mma(q, tl.trans(k), s, UPCAST)  # (BLOCK_M, BLOCK_N)
+            s = tl.where(n_ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.math.exp2(m_i - m_new)  # rescales what was summed under the old max
             p = tl.math.exp2(s - m_new[:, None])  # (BLOCK_M, BLOCK_N), fp32
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(_tile_ptrs(V, n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
-            acc = _mma(_round(p, V.dtype.element_ty, UPCAST), v, acc * alpha[:, None], UPCAST)
+            p = _round(p, V.dtype.element_ty, UPCAST)  # the tensor cores take P in the input dtype
+            if TAIL_D > 0:
+                v_t = _load_tile(V, n, stride_vn, offs_t, stride_vd, kv_mask_t, ALIGNED)
+                acc_t = _mma(p, v_t, acc_t * alpha[:, None], UPCAST)
+            v = _load_tile(V, n, stride_vn, offs_d, stride_vd, kv_mask, ALIGNED)
+            acc = _mma(p, v, acc * alpha[:, None], UPCAST)
             m_i = m_new
 
         # A batch whose key_lengths is 0 has no valid key: output 0, logsumexp -inf.
         has_keys = l_i > 0.0
         l_safe = tl.where(has_keys, l_i, 1.0)
-        out = acc / l_safe[:, None]
         lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe)) * _LN2, float("-inf"))
-        out = _round(out, Out.dtype.element_ty, UPCAST).to(Out.dtype.element_ty)
-        tl.store(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), out,
-                 mask=m_ok[:, None] & d_ok[None, :])
+        _store_tile(Out, offs_m, stride_on, offs_d, stride_od, acc / l_safe[:, None], q_mask, ALIGNED, UPCAST)
+        if TAIL_D > 0:
+            _store_tile(Out, offs_m, stride_on, offs_t, stride_od, acc_t / l_safe[:, None], q_mask_t, ALIGNED, UPCAST)
         tl.store(Lse + bh.to(tl.int64) * Nq + offs_m, lse, mask=m_ok)
 
     @triton.jit
@@ -242,26 +295,34 @@ if triton_available():
         Out,  # pointer to the forward output, shape (B, Nq, H, D), any strides
         DOut,  # pointer to the output gradient, shape (B, Nq, H, D), any strides
         Delta,  # pointer to rowsum(dO * O), shape (B, H, Nq) contiguous, fp32
+        DQAcc,  # pointer to the fp32 dQ accumulator, shape (B, Nq, H, D), zeroed here; None without ZERO_DQ_ACC
         stride_ob, stride_on, stride_oh, stride_od,  # strides of Out
         stride_dob, stride_don, stride_doh, stride_dod,  # strides of DOut
+        stride_dqab, stride_dqan, stride_dqah, stride_dqad,  # strides of DQAcc
         H, Nq,
         HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # next power of two >= max(D, 16): no matmul here, one chunk covers D
         BLOCK_M: tl.constexpr,
-        ALIGNED: tl.constexpr,  # every row of Out and DOut starts on 16 bytes
+        ZERO_DQ_ACC: tl.constexpr,  # the dK/dV kernel adds dQ into DQAcc with atomics (see attention_backward)
+        ALIGNED: tl.constexpr,  # every row of Out, DOut, DQAcc starts on 16 bytes
     ):
         pid_m, bh = _program(Nq, BLOCK_M)
         b = bh // H
         h = bh % H
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.arange(0, BLOCK_D)
-        mask = (offs_m < Nq)[:, None] & (offs_d < HEAD_DIM)[None, :]
+        m_ok = offs_m < Nq
+        mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         Out = _head(Out, b, h, stride_ob, stride_oh)
         DOut = _head(DOut, b, h, stride_dob, stride_doh)
-        o = tl.load(_tile_ptrs(Out, offs_m, stride_on, offs_d, stride_od, ALIGNED), mask=mask, other=0.0)
-        do = tl.load(_tile_ptrs(DOut, offs_m, stride_don, offs_d, stride_dod, ALIGNED), mask=mask, other=0.0)
+        o = _load_tile(Out, offs_m, stride_on, offs_d, stride_od, mask, ALIGNED)
+        do = _load_tile(DOut, offs_m, stride_don, offs_d, stride_dod, mask, ALIGNED)
         delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)  # (BLOCK_M,)
-        tl.store(Delta + bh.to(tl.int64) * Nq + offs_m, delta, mask=offs_m < Nq)
+        tl.store(Delta + bh.to(tl.int64) * Nq + offs_m, delta, mask=m_ok)
+        if ZERO_DQ_ACC:  # the same tile of the accumulator: saves a launch and a pass of its own
+            DQAcc = _head(DQAcc, b, h, stride_dqab, stride_dqah)
+            tl.store(_tile_ptrs(DQAcc, offs_m, stride_dqan, offs_d, stride_dqad, ALIGNED),
+                     tl.zeros([BLOCK_M, BLOCK_D], tl.float32), mask=mask)
 
     @triton.jit
     def _attn_bwd_dkdv_kernel(
@@ -273,22 +334,26 @@ if triton_available():
         Delta,  # pointer to rowsum(dO * O), shape (B, H, Nq) contiguous, fp32
         DK,  # pointer to dK, shape (Q_SPLITS, B, Nk, H, D): the output's dtype, or fp32 partial sums
         DV,  # pointer to dV, same shape, strides and dtype as DK
+        DQAcc,  # pointer to the fp32 dQ accumulator, shape (B, Nq, H, D), zeroed; None without ATOMIC_DQ
         KeyLengths,  # pointer to valid keys per batch, shape (B,) int32; None without HAS_KEY_LENGTHS
         stride_qb, stride_qn, stride_qh, stride_qd,  # strides of Q
         stride_kb, stride_kn, stride_kh, stride_kd,  # strides of K
         stride_vb, stride_vn, stride_vh, stride_vd,  # strides of V
         stride_dob, stride_don, stride_doh, stride_dod,  # strides of DOut
         stride_dks, stride_dkb, stride_dkn, stride_dkh, stride_dkd,  # strides of DK and DV, split first
+        stride_dqab, stride_dqan, stride_dqah, stride_dqad,  # strides of DQAcc
         H, Nq, Nk,
         Q_SPLITS,  # programs that share one key block, each summing over its own range of queries
         qk_scale,  # softmax scale * log2(e)
         sm_scale,  # softmax scale
         HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # main chunk of the head dim
+        TAIL_D: tl.constexpr,  # tail chunk, 0 for none
         BLOCK_M: tl.constexpr,  # queries per step of the inner loop
         BLOCK_N: tl.constexpr,  # keys per program, held on chip with their dK, dV
         HAS_KEY_LENGTHS: tl.constexpr,
-        ALIGNED: tl.constexpr,  # every row of Q, K, V, DOut, DK, DV starts on 16 bytes
+        ATOMIC_DQ: tl.constexpr,  # also add scale * dS K into DQAcc: the dQ kernel is then not run
+        ALIGNED: tl.constexpr,  # every row of Q, K, V, DOut, DK, DV (and DQAcc) starts on 16 bytes
         UPCAST: tl.constexpr,
     ):
         pid_n, rest = _program(Nk, BLOCK_N)
@@ -315,36 +380,73 @@ if triton_available():
         DOut = _head(DOut, b, h, stride_dob, stride_doh)
         Lse += bh.to(tl.int64) * Nq
         Delta += bh.to(tl.int64) * Nq
+        if ATOMIC_DQ:
+            DQAcc = _head(DQAcc, b, h, stride_dqab, stride_dqah)
 
         kv_mask = n_ok[:, None] & d_ok[None, :]
-        k = tl.load(_tile_ptrs(K, offs_n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
-        v = tl.load(_tile_ptrs(V, offs_n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
+        k = _load_tile(K, offs_n, stride_kn, offs_d, stride_kd, kv_mask, ALIGNED)  # (BLOCK_N, BLOCK_D)
+        v = _load_tile(V, offs_n, stride_vn, offs_d, stride_vd, kv_mask, ALIGNED)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        if TAIL_D > 0:  # the same for the tail columns of the head dim
+            offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+            t_ok = offs_t < HEAD_DIM
+            kv_mask_t = n_ok[:, None] & t_ok[None, :]
+            k_t = _load_tile(K, offs_n, stride_kn, offs_t, stride_kd, kv_mask_t, ALIGNED)  # (BLOCK_N, TAIL_D)
+            v_t = _load_tile(V, offs_n, stride_vn, offs_t, stride_vd, kv_mask_t, ALIGNED)
+            dk_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
+            dv_t = tl.zeros([BLOCK_N, TAIL_D], tl.float32)
+        zero_s = tl.zeros([BLOCK_N, BLOCK_M], tl.float32)  # each step's S^T and dP^T start from it (see _device_fn)
+        if ATOMIC_DQ:
+            zero_dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+            if TAIL_D > 0:
+                zero_dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
         for start_m in range(m_start, m_end, BLOCK_M):
             m = start_m + offs_m
             m_ok = m < Nq
-            qd_mask = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(_tile_ptrs(Q, m, stride_qn, offs_d, stride_qd, ALIGNED), mask=qd_mask, other=0.0)
+            sT = zero_s  # (K Q^T), S transposed
+            dpT = zero_s  # (V dO^T)
+            if TAIL_D > 0:  # both sum over D
+                q_mask_t = m_ok[:, None] & t_ok[None, :]
+                q_t = _load_tile(Q, m, stride_qn, offs_t, stride_qd, q_mask_t, ALIGNED)  # (BLOCK_M, TAIL_D)
+                do_t = _load_tile(DOut, m, stride_don, offs_t, stride_dod, q_mask_t, ALIGNED)
+                sT = _mma(k_t, tl.trans(q_t), sT, UPCAST)
+                dpT = _mma(v_t, tl.trans(do_t), dpT, UPCAST)
+            q_mask = m_ok[:, None] & d_ok[None, :]
+            q = _load_tile(Q, m, stride_qn, offs_d, stride_qd, q_mask, ALIGNED)  # (BLOCK_M, BLOCK_D)
+            do = _load_tile(DOut, m, stride_don, offs_d, stride_dod, q_mask, ALIGNED)
+            sT = _mma(k, tl.trans(q), sT, UPCAST)
+            dpT = _mma(v, tl.trans(do), dpT, UPCAST)
             # Rows past Nq read lse = +inf: their probabilities come out exactly 0.
             lse2 = tl.load(Lse + m, mask=m_ok, other=float("inf")) * _LOG2E
-            sT = _mma(k, tl.trans(q), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST) * qk_scale
-            pT = tl.math.exp2(sT - lse2[None, :])  # (BLOCK_N, BLOCK_M), P transposed
+            pT = tl.math.exp2(sT * qk_scale - lse2[None, :])  # (BLOCK_N, BLOCK_M), P transposed
             pT = tl.where(n_ok[:, None], pT, 0.0)  # padded keys get no weight, hence no gradient
-            do = tl.load(_tile_ptrs(DOut, m, stride_don, offs_d, stride_dod, ALIGNED), mask=qd_mask, other=0.0)
-            dv = _mma(_round(pT, DOut.dtype.element_ty, UPCAST), do, dv, UPCAST)  # dV += P^T dO
             delta = tl.load(Delta + m, mask=m_ok, other=0.0)
-            dpT = _mma(v, tl.trans(do), tl.zeros([BLOCK_N, BLOCK_M], tl.float32), UPCAST)  # (V dO^T)
-            dsT = pT * (dpT - delta[None, :])  # dS^T = P^T * (dP^T - delta)
-            dk = _mma(_round(dsT, Q.dtype.element_ty, UPCAST), q, dk, UPCAST)  # dK += dS^T Q (scaled below)
+            dsT = _round(pT * (dpT - delta[None, :]), Q.dtype.element_ty, UPCAST)  # dS^T = P^T * (dP^T - delta)
+            pT = _round(pT, DOut.dtype.element_ty, UPCAST)
+            if TAIL_D > 0:
+                dv_t = _mma(pT, do_t, dv_t, UPCAST)
+                dk_t = _mma(dsT, q_t, dk_t, UPCAST)
+            dv = _mma(pT, do, dv, UPCAST)  # dV += P^T dO
+            dk = _mma(dsT, q, dk, UPCAST)  # dK += dS^T Q (scaled below)
+            if ATOMIC_DQ:  # dQ += scale * dS K for these queries, summed over the key blocks in fp32
+                ds = tl.trans(dsT)  # (BLOCK_M, BLOCK_N)
+                if TAIL_D > 0:
+                    dq_t = _mma(ds, k_t, zero_dq_t, UPCAST) * sm_scale
+                    _add_tile(DQAcc, m, stride_dqan, offs_t, stride_dqad, dq_t, q_mask_t, ALIGNED)
+                dq = _mma(ds, k, zero_dq, UPCAST) * sm_scale
+                _add_tile(DQAcc, m, stride_dqan, offs_d, stride_dqad, dq, q_mask, ALIGNED)
 
         DK = _head(DK + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
         DV = _head(DV + split.to(tl.int64) * stride_dks, b, h, stride_dkb, stride_dkh)
-        out_mask = (offs_n < Nk)[:, None] & d_ok[None, :]  # padded keys get their zero gradients written too
-        tl.store(_tile_ptrs(DK, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
-                 _round(dk * sm_scale, DK.dtype.element_ty, UPCAST).to(DK.dtype.element_ty), mask=out_mask)
-        tl.store(_tile_ptrs(DV, offs_n, stride_dkn, offs_d, stride_dkd, ALIGNED),
-                 _round(dv, DV.dtype.element_ty, UPCAST).to(DV.dtype.element_ty), mask=out_mask)
+        out_ok = offs_n < Nk  # padded keys get their zero gradients written too
+        out_mask = out_ok[:, None] & d_ok[None, :]
+        _store_tile(DK, offs_n, stride_dkn, offs_d, stride_dkd, dk * sm_scale, out_mask, ALIGNED, UPCAST)
+        _store_tile(DV, offs_n, stride_dkn, offs_d, stride_dkd, dv, out_mask, ALIGNED, UPCAST)
+        if TAIL_D > 0:
+            out_mask_t = out_ok[:, None] & t_ok[None, :]
+            _store_tile(DK, offs_n, stride_dkn, offs_t, stride_dkd, dk_t * sm_scale, out_mask_t, ALIGNED, UPCAST)
+            _store_tile(DV, offs_n, stride_dkn, offs_t, stride_dkd, dv_t, out_mask_t, ALIGNED, UPCAST)
 
     @triton.jit
     def _attn_bwd_dq_kernel(
@@ -365,7 +467,8 @@ if triton_available():
         qk_scale,  # softmax scale * log2(e)
         sm_scale,  # softmax scale
         HEAD_DIM: tl.constexpr,
-        BLOCK_D: tl.constexpr,
+        BLOCK_D: tl.constexpr,  # main chunk of the head dim
+        TAIL_D: tl.constexpr,  # tail chunk, 0 for none
         BLOCK_M: tl.constexpr,  # queries per program, held on chip with their dO and dQ
         BLOCK_N: tl.constexpr,  # keys per step of the inner loop
         HAS_KEY_LENGTHS: tl.constexpr,
@@ -388,27 +491,46 @@ if triton_available():
         DOut = _head(DOut, b, h, stride_dob, stride_doh)
         DQ = _head(DQ, b, h, stride_dqb, stride_dqh)
 
-        qd_mask = m_ok[:, None] & d_ok[None, :]
-        q = tl.load(_tile_ptrs(Q, offs_m, stride_qn, offs_d, stride_qd, ALIGNED), mask=qd_mask, other=0.0)
-        do = tl.load(_tile_ptrs(DOut, offs_m, stride_don, offs_d, stride_dod, ALIGNED), mask=qd_mask, other=0.0)
+        q_mask = m_ok[:, None] & d_ok[None, :]
+        q = _load_tile(Q, offs_m, stride_qn, offs_d, stride_qd, q_mask, ALIGNED)  # (BLOCK_M, BLOCK_D)
+        do = _load_tile(DOut, offs_m, stride_don, offs_d, stride_dod, q_mask, ALIGNED)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        if TAIL_D > 0:  # the same for the tail columns of the head dim
+            offs_t = BLOCK_D + tl.arange(0, TAIL_D)
+            t_ok = offs_t < HEAD_DIM
+            q_mask_t = m_ok[:, None] & t_ok[None, :]
+            q_t = _load_tile(Q, offs_m, stride_qn, offs_t, stride_qd, q_mask_t, ALIGNED)  # (BLOCK_M, TAIL_D)
+            do_t = _load_tile(DOut, offs_m, stride_don, offs_t, stride_dod, q_mask_t, ALIGNED)
+            dq_t = tl.zeros([BLOCK_M, TAIL_D], tl.float32)
         lse2 = tl.load(Lse + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=float("inf")) * _LOG2E
         delta = tl.load(Delta + bh.to(tl.int64) * Nq + offs_m, mask=m_ok, other=0.0)
-        dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+        zero_s = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)  # each step's S and dP start from it (see _device_fn)
         for start_n in range(0, kv_len, BLOCK_N):
             n = start_n + offs_n
             n_ok = n < kv_len
+            s = zero_s
+            dp = zero_s  # dO V^T
+            if TAIL_D > 0:  # both sum over D
+                kv_mask_t = n_ok[:, None] & t_ok[None, :]
+                k_t = _load_tile(K, n, stride_kn, offs_t, stride_kd, kv_mask_t, ALIGNED)  # (BLOCK_N, TAIL_D)
+                v_t = _load_tile(V, n, stride_vn, offs_t, stride_vd, kv_mask_t, ALIGNED)
+                s = _mma(q_t, tl.trans(k_t), s, UPCAST)
+                dp = _mma(do_t, tl.trans(v_t), dp, UPCAST)
             kv_mask = n_ok[:, None] & d_ok[None, :]
-            k = tl.load(_tile_ptrs(K, n, stride_kn, offs_d, stride_kd, ALIGNED), mask=kv_mask, other=0.0)
-            v = tl.load(_tile_ptrs(V, n, stride_vn, offs_d, stride_vd, ALIGNED), mask=kv_mask, other=0.0)
-            s = _mma(q, tl.trans(k), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST) * qk_scale
-            p = tl.math.exp2(s - lse2[:, None])
+            k = _load_tile(K, n, stride_kn, offs_d, stride_kd, kv_mask, ALIGNED)  # (BLOCK_N, BLOCK_D)
+            v = _load_tile(V, n, stride_vn, offs_d, stride_vd, kv_mask, ALIGNED)
+            s = _mma(q, tl.trans(k), s, UPCAST)
+            dp = _mma(do, tl.trans(v), dp, UPCAST)
+            p = tl.math.exp2(s * qk_scale - lse2[:, None])
             p = tl.where(n_ok[None, :], p, 0.0)
-            dp = _mma(do, tl.trans(v), tl.zeros([BLOCK_M, BLOCK_N], tl.float32), UPCAST)  # dO V^T
-            ds = p * (dp - delta[:, None])
-            dq = _mma(_round(ds, K.dtype.element_ty, UPCAST), k, dq, UPCAST)  # dQ += dS K (scaled below)
+            ds = _round(p * (dp - delta[:, None]), K.dtype.element_ty, UPCAST)
+            if TAIL_D > 0:
+                dq_t = _mma(ds, k_t, dq_t, UPCAST)
+            dq = _mma(ds, k, dq, UPCAST)  # dQ += dS K (scaled below)
 
-        tl.store(_tile_ptrs(DQ, offs_m, stride_dqn, offs_d, stride_dqd, ALIGNED),
-                 _round(dq * sm_scale, DQ.dtype.element_ty, UPCAST).to(DQ.dtype.element_ty), mask=qd_mask)
+        _store_tile(DQ, offs_m, stride_dqn, offs_d, stride_dqd, dq * sm_scale, q_mask, ALIGNED, UPCAST)
+        if TAIL_D > 0:
+            _store_tile(DQ, offs_m, stride_dqn, offs_t, stride_dqd, dq_t * sm_scale, q_mask_t, ALIGNED, UPCAST)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -435,32 +557,96 @@ class AttentionConfig:
     fwd: BlockConfig
     dkdv: BlockConfig  # block_n keys held on chip, block_m queries streamed
     dq: BlockConfig  # block_m queries held on chip, block_n keys streamed
+    dkdv_atomic: BlockConfig | None = None  # the dK/dV kernel when it also adds dQ; None: as dkdv
+
+    @property
+    def dkdv_with_dq(self) -> BlockConfig:
+        return self.dkdv_atomic or self.dkdv
 
 
-# One row per tile width BLOCK_D (D = 40, 80, 160 land in 64, 128, 256; D <= 32 takes the 64 row
-# with smaller tiles). kernels/attention.md gives the reasoning: every program's tiles fit in
-# registers (at most 255 per thread) and its pipelined K/V (or Q/dO) buffers in shared memory (A100
-# 164 KiB, H100 228 KiB per SM); `python -m kernels.inspect --kernel attn` shows no config spills.
+# One row per width of the head-dim chunks, BLOCK_D + TAIL_D (head_dim_chunks): a head dim takes the
+# first row at least as wide, so D <= 64 (SD: 40, run as 32 + 16) takes 64, 65..96 (SD: 80, as
+# 64 + 16) 96, 97..128 (padded to 128) 128, and 129..256 (SD: 160, as 128 + 32) 256. Every program's
+# tiles fit in registers (at most 255 per thread) and its pipelined K/V (or Q/dO) buffers in shared
+# memory (A100 164 KiB, H100 228 KiB per SM); `python -m kernels.inspect --kernel attn` builds each
+# row and shows no spills. kernels/attention.md gives the reasoning.
 CONFIGS: dict[int, AttentionConfig] = {
-    64: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2)),
+    64: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2),
+                        dkdv_atomic=BlockConfig(32, 128, 8, 2)),
+    96: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(32, 128, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
     128: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
-    256: AttentionConfig(fwd=BlockConfig(64, 64, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(64, 32, 8, 2)),
+    256: AttentionConfig(fwd=BlockConfig(64, 64, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(64, 32, 8, 2),
+                         dkdv_atomic=BlockConfig(16, 64, 8, 2)),
 }
 PREPROCESS_ELEMENTS = 4096  # elements of O (and dO) per preprocess program: 32 per thread at 4 warps
 PREPROCESS_WARPS = 4
 DEFAULT_SM_COUNT = 132  # streaming multiprocessors assumed when no GPU says otherwise (H100 SXM)
 MIN_Q_BLOCKS_PER_SPLIT = 8  # a dK/dV program that splits the queries streams at least this many blocks,
 # so the queries it reads (8 x BLOCK_M rows of Q and dO) outweigh the fp32 partial sums it writes
+MIN_DOT_DIM = 16  # smallest K and N of tl.dot: the narrowest chunk of the head dim
+# From this many keys on the backward adds dQ with atomics by default. Recomputing S and dP in a dQ
+# kernel costs 4 * Nk * D FLOP and Nk exp2 per query row; the fp32 accumulator costs about 8 * D more
+# bytes per row (zeroed, written back, read by the final copy, against Q and dO read again). At the
+# H100 peaks that breaks even at 190 keys for D = 40, 290 for D = 80, 380 for D = 160 (attention.md):
+# 512 keeps a margin for the L2 atomics the model leaves out. Shorter keys (cross-attention against
+# 77 tokens, where the dK/dV kernel is split over queries to fill the GPU) keep the dQ kernel.
+ATOMIC_DQ_MIN_KEYS = 512
+DETERMINISTIC_ENV = "LDM_ATTENTION_DETERMINISTIC"  # =1: never atomics (see deterministic_requested)
 
 
 def block_d(head_dim: int) -> int:
-    """Tile width for a head dim: the next power of two, at least 16 (the smallest tl.dot K)."""
-    return max(16, 1 << (head_dim - 1).bit_length())
+    """One power-of-two tile covering a head dim: the next power of two, at least MIN_DOT_DIM."""
+    return max(MIN_DOT_DIM, 1 << (head_dim - 1).bit_length())
+
+
+def head_dim_chunks(head_dim: int) -> tuple[int, int]:
+    """(BLOCK_D, TAIL_D): the power-of-two chunks of columns that cover a head dim in the matmul
+    kernels. The main chunk is the largest power of two <= D, the tail the next power of two >= the
+    rest, at least MIN_DOT_DIM: 40 -> 32 + 16, 72 and 80 -> 64 + 16, 96 -> 64 + 32, 160 -> 128 + 32.
+    Where that is no narrower than one padded tile (17..32, 49..64, 97..128, 193..256: 24 -> 16 + 16,
+    200 -> 128 + 128) the tail would only add instructions, so one tile of block_d(D) columns
+    runs, TAIL_D = 0; so does every power of two. A tail that wins saves at least a quarter of the
+    columns (it is at most half the main chunk)."""
+    padded = block_d(head_dim)
+    main = max(MIN_DOT_DIM, 1 << max(head_dim.bit_length() - 1, 0))
+    if main >= head_dim:
+        return padded, 0
+    tail = block_d(head_dim - main)
+    if main + tail >= padded:
+        return padded, 0
+    return main, tail
+
+
+def deterministic_requested(deterministic: bool | None = None) -> bool | None:
+    """The backward's determinism as asked for: the argument when given, else True when the
+    environment variable LDM_ATTENTION_DETERMINISTIC is set true or PyTorch's
+    ``torch.use_deterministic_algorithms(True)`` is in force, else None (no preference)."""
+    if deterministic is not None:
+        return bool(deterministic)
+    value = os.environ.get(DETERMINISTIC_ENV, "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value not in ("", "0", "false", "no", "off"):
+        raise ValueError(f"environment variable {DETERMINISTIC_ENV}={value!r}: expected 1 or 0")
+    return True if torch.are_deterministic_algorithms_enabled() else None
+
+
+def use_atomic_dq(n_keys: int, deterministic: bool | None = None) -> bool:
+    """Whether the backward adds dQ up with fp32 atomics inside the dK/dV kernel (5 matmuls; the
+    order of the fp32 additions, hence the last bits of dQ, varies from run to run) instead of
+    computing it in a dQ kernel of its own (7 matmuls: S and dP again; deterministic).
+    ``deterministic=True`` never uses atomics, ``False`` always does; with no preference (see
+    deterministic_requested) they are used where they pay, from ATOMIC_DQ_MIN_KEYS keys on."""
+    wanted = deterministic_requested(deterministic)
+    if wanted is not None:
+        return not wanted
+    return n_keys >= ATOMIC_DQ_MIN_KEYS
 
 
 def pick_config(head_dim: int) -> AttentionConfig:
-    """The table's row for this head dim."""
-    return CONFIGS[max(64, block_d(head_dim))]
+    """The table's row for this head dim: the narrowest at least as wide as its chunks."""
+    width = sum(head_dim_chunks(head_dim))
+    return CONFIGS[min(w for w in CONFIGS if w >= width)]
 
 
 def preprocess_block_m(block_d_: int) -> int:
@@ -567,12 +753,13 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     if out.numel() == 0:
         return out, lse
     cfg = (config or pick_config(D)).fwd
+    BD, TD = head_dim_chunks(D)
     grid = (triton.cdiv(Nq, cfg.block_m) * B * H,)
     _attn_fwd_kernel[grid](
         q, k, v, out, lse, _key_lengths_i32(key_lengths),
         *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, Nq, Nk, scale * LOG2E,
-        HEAD_DIM=D, BLOCK_D=block_d(D), BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, out),
         UPCAST=_upcast(q.dtype), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
@@ -583,13 +770,18 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
                        out: torch.Tensor, lse: torch.Tensor, scale: float,
                        key_lengths: torch.Tensor | None = None, *, dq: torch.Tensor | None = None,
                        dk: torch.Tensor | None = None, dv: torch.Tensor | None = None,
-                       delta: torch.Tensor | None = None, config: AttentionConfig | None = None,
-                       splits: int | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       delta: torch.Tensor | None = None, dq_acc: torch.Tensor | None = None,
+                       config: AttentionConfig | None = None, splits: int | None = None,
+                       deterministic: bool | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Launch the backward kernels: delta = rowsum(dO * O), then dK and dV (K, V held on chip while
-    the queries stream), then dQ. Returns dq, dk, dv, contiguous, in q's dtype.
+    the queries stream), and dQ one of two ways (use_atomic_dq): added up in an fp32 accumulator
+    with atomics by the dK/dV kernel, then copied into dq; or by a dQ kernel of its own
+    (deterministic). Returns dq, dk, dv, contiguous, in q's dtype.
 
-    ``dq``, ``dk``, ``dv`` and ``delta`` ((B, H, Nq) fp32) may be given to be written in place;
-    ``config`` overrides the table, ``splits`` the number of query ranges per key block of dK/dV.
+    ``dq``, ``dk``, ``dv``, ``delta`` ((B, H, Nq) fp32) and ``dq_acc`` ((B, Nq, H, D) fp32, used by the
+    atomic path only) may be given to be written in place; ``config`` overrides the table,
+    ``splits`` the number of query ranges per key block of dK/dV; ``deterministic``: True for the
+    dQ kernel, False for the atomics, None to let use_atomic_dq decide.
     """
     check_attention_inputs(q, k, v, key_lengths)
     B, Nq, H, D = q.shape
@@ -603,21 +795,31 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     dk = _out_buffer("dk", dk, tuple(k.shape), k.dtype, k.device)
     dv = _out_buffer("dv", dv, tuple(v.shape), v.dtype, v.device)
     delta = _out_buffer("delta", delta, (B, H, Nq), torch.float32, q.device)
+    atomic = use_atomic_dq(Nk, deterministic)
+    if atomic:
+        dq_acc = _out_buffer("dq_acc", dq_acc, tuple(q.shape), torch.float32, q.device)
+        acc_args = (dq_acc, *dq_acc.stride())
+    else:
+        acc_args = (None, 0, 0, 0, 1)  # no accumulator: the kernels compile its code out
     _check_triton_call(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
     if dk.numel() == 0:
         return dq, dk, dv
     if Nq == 0:  # no query looks at any key
         return dq, dk.zero_(), dv.zero_()
     cfg = config or pick_config(D)
-    BD, kl, upcast = block_d(D), _key_lengths_i32(key_lengths), _upcast(q.dtype)
+    BD, TD = head_dim_chunks(D)
+    kl, upcast = _key_lengths_i32(key_lengths), _upcast(q.dtype)
+    aligned_acc = (dq_acc,) if atomic else ()
 
-    pre_m = preprocess_block_m(BD)
+    pre_d = block_d(D)
+    pre_m = preprocess_block_m(pre_d)
     _attn_bwd_preprocess_kernel[(triton.cdiv(Nq, pre_m) * B * H,)](
-        out, dout, delta, *out.stride(), *dout.stride(), H, Nq,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=pre_m, ALIGNED=_rows_aligned(out, dout), num_warps=PREPROCESS_WARPS,
+        out, dout, delta, acc_args[0], *out.stride(), *dout.stride(), *acc_args[1:], H, Nq,
+        HEAD_DIM=D, BLOCK_D=pre_d, BLOCK_M=pre_m, ZERO_DQ_ACC=atomic,
+        ALIGNED=_rows_aligned(out, dout, *aligned_acc), num_warps=PREPROCESS_WARPS,
     )
 
-    c = cfg.dkdv
+    c = cfg.dkdv_with_dq if atomic else cfg.dkdv
     n_blocks = triton.cdiv(Nk, c.block_n)
     if splits is None:
         splits = q_splits(n_blocks, triton.cdiv(Nq, c.block_m), B * H, _sm_count(q.device))
@@ -628,24 +830,28 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
         dk_part, dv_part = parts.unbind(0)  # (splits, B, Nk, H, D) each
         part_strides = dk_part.stride()
     _attn_bwd_dkdv_kernel[(n_blocks * splits * B * H,)](
-        q, k, v, dout, lse, delta, dk_part, dv_part, kl,
-        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *part_strides,
+        q, k, v, dout, lse, delta, dk_part, dv_part, acc_args[0], kl,
+        *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *part_strides, *acc_args[1:],
         H, Nq, Nk, splits, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
-        HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dk_part, dv_part),
+        HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HAS_KEY_LENGTHS=key_lengths is not None, ATOMIC_DQ=atomic,
+        ALIGNED=_rows_aligned(q, k, v, dout, dk_part, dv_part, *aligned_acc),
         UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
     )
     if splits > 1:  # add the partials in fp32 (sum(out=bf16) would round them first), then round once
         sums = parts.sum(1)  # (2, B, Nk, H, D)
         dk.copy_(sums[0])
         dv.copy_(sums[1])
+    if atomic:  # the sums are complete once the dK/dV kernel ends (scaled already): round them once
+        dq.copy_(dq_acc)
+        return dq, dk, dv
 
     c = cfg.dq
     _attn_bwd_dq_kernel[(triton.cdiv(Nq, c.block_m) * B * H,)](
         q, k, v, dout, lse, delta, dq, kl,
         *q.stride(), *k.stride(), *v.stride(), *dout.stride(), *dq.stride(),
         H, Nq, Nk, scale * LOG2E, scale,
-        HEAD_DIM=D, BLOCK_D=BD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
+        HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, BLOCK_M=c.block_m, BLOCK_N=c.block_n,
         HAS_KEY_LENGTHS=key_lengths is not None, ALIGNED=_rows_aligned(q, k, v, dout, dq),
         UPCAST=upcast, num_warps=c.num_warps, num_stages=c.num_stages,
     )
@@ -656,17 +862,18 @@ class AttentionFunction(torch.autograd.Function):
     """Autograd wrapper of the Triton kernels; gradients flow to q, k and v."""
 
     @staticmethod
-    def forward(ctx, q, k, v, scale, key_lengths):
+    def forward(ctx, q, k, v, scale, key_lengths, deterministic=None):
         out, lse = attention_forward(q, k, v, scale, key_lengths)
         ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-        ctx.scale = scale
+        ctx.scale, ctx.deterministic = scale, deterministic
         return out
 
     @staticmethod
     def backward(ctx, dout):
         q, k, v, out, lse, key_lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths)
-        return dq, dk, dv, None, None
+        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths,
+                                        deterministic=ctx.deterministic)
+        return dq, dk, dv, None, None, None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -695,11 +902,14 @@ def _attention_xformers(q, k, v, scale, key_lengths):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
-              key_lengths: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+              key_lengths: torch.Tensor | None = None, backend: str = "auto",
+              deterministic: bool | None = None) -> torch.Tensor:
     """softmax(q k^T * scale) v per head. q (B, Nq, H, D), k and v (B, Nk, H, D) -> (B, Nq, H, D).
 
     ``scale`` defaults to 1/sqrt(D). ``key_lengths`` (B,) masks padded keys. Differentiable in
-    q, k and v.
+    q, k and v. ``deterministic`` (Triton backward only; see use_atomic_dq): True makes dQ
+    bitwise reproducible, False adds it with atomics, None (default) lets the environment
+    (LDM_ATTENTION_DETERMINISTIC, torch.use_deterministic_algorithms) or the key length decide.
     """
     check_attention_inputs(q, k, v, key_lengths)
     if scale is None:
@@ -711,7 +921,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     if which == "xformers":
         return _attention_xformers(q, k, v, scale, key_lengths)
     if which == "triton":
-        return AttentionFunction.apply(q, k, v, float(scale), key_lengths)
+        return AttentionFunction.apply(q, k, v, float(scale), key_lengths, deterministic)
     return _attention_torch(q, k, v, scale, key_lengths)
 
 
@@ -759,7 +969,8 @@ class Attention(nn.Module):
 # Ahead-of-time builds for `python -m kernels.inspect`
 # ----------------------------------------------------------------------------------------------
 
-SD_HEAD_DIMS = {64: 40, 128: 80, 256: 160}  # the head dim each row is built for ahead of time (Stable Diffusion 1.x)
+SD_HEAD_DIMS = {64: 40, 96: 80, 256: 160}  # the rows that serve the head dims of Stable Diffusion 1.x
+POW2_ROWS = (64, 128, 256)  # the rows built at their full power-of-two width
 
 
 def _aot_signature(fn, dtype: str, pointers: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
@@ -782,35 +993,53 @@ def _aot_signature(fn, dtype: str, pointers: dict[str, str], constexprs: dict) -
 
 
 def aot_specs() -> list:
-    """Every kernel x every row of CONFIGS, fp16 and bf16 (the dtypes the launchers send to a GPU),
-    with key lengths and 16-byte aligned rows: the variant contiguous and fused-QKV layouts take.
-    The dK/dV kernel comes twice: writing the outputs, and writing fp32 partial sums (split queries)."""
+    """What `python -m kernels.inspect` builds, with key lengths and 16-byte aligned rows (the variant
+    contiguous, fused-QKV and heads-first layouts take):
+    - bf16 (training) at the Stable Diffusion head dims 40, 80, 160 (main chunk plus tail; rows 64,
+      96, 256), every kernel: the forward, the preprocess (zeroing the dQ accumulator), the dK/dV
+      kernel three ways (writing dK, dV; writing fp32 partial sums for split queries; adding dQ
+      with atomics) and the dQ kernel;
+    - fp16 at the full power-of-two widths 64, 128, 256 (one chunk, the most registers rows 64, 128
+      and 256 meet), the four kernels that run at every key length: forward, dK/dV, dK/dV with
+      atomic dQ, dQ.
+    30 specs, as many as before the head-dim split; every row is built at least once. fp16 and bf16
+    differ only in conversions (within 2 registers where both were built)."""
     from kernels.aot import AotSpec
 
-    stats = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i32"}
+    stats = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i32", "DQAcc": "*fp32"}
+    fp32_parts = {"DK": "*fp32", "DV": "*fp32"}
     specs = []
-    for dtype in ("fp16", "bf16"):
-        for bd, row in CONFIGS.items():
-            D = SD_HEAD_DIMS[bd]
-            shape = {"HEAD_DIM": D, "BLOCK_D": bd}
-            common = dict(shape, HAS_KEY_LENGTHS=True, ALIGNED=True, UPCAST=False)
-            variants = [
-                ("attn_fwd", _attn_fwd_kernel, row.fwd, {}, {}),
-                ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, row.dkdv, {}, {"Q_SPLITS": 1}),
-                ("attn_bwd_dkdv_split", _attn_bwd_dkdv_kernel, row.dkdv, {"DK": "*fp32", "DV": "*fp32"}, {}),
-                ("attn_bwd_dq", _attn_bwd_dq_kernel, row.dq, {}, {}),
-            ]
-            for kernel, fn, cfg, pointers, extra in variants:
-                consts = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
-                signature, consts = _aot_signature(fn, dtype, {**stats, **pointers}, consts)
-                aligned = [n for n, t in signature.items() if t.startswith("*") and n != "KeyLengths"]
-                if kernel == "attn_bwd_dkdv":
-                    aligned.append("stride_dks")  # 0 when each program writes its keys' dK, dV itself
-                specs.append(AotSpec(kernel, f"{dtype} D={D} {cfg.label()}", fn, signature, consts,
-                                     cfg.num_warps, cfg.num_stages, uses_dot=True, aligned=tuple(aligned)))
-            pre_m = preprocess_block_m(bd)
-            signature, consts = _aot_signature(_attn_bwd_preprocess_kernel, dtype, stats,
-                                               dict(shape, BLOCK_M=pre_m, ALIGNED=True))
+    builds = [("bf16", D) for D in SD_HEAD_DIMS.values()] + [("fp16", width) for width in POW2_ROWS]
+    for dtype, D in builds:
+        row = pick_config(D)
+        BD, TD = head_dim_chunks(D)
+        common = dict(HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, HAS_KEY_LENGTHS=True, ALIGNED=True, UPCAST=False)
+        one = {"Q_SPLITS": 1}  # each program writes its keys' dK, dV
+        deterministic = {"ATOMIC_DQ": False, "DQAcc": None}
+        variants = [  # name, kernel, config, pointer types, constexprs
+            ("attn_fwd", _attn_fwd_kernel, row.fwd, {}, {}),
+            ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, row.dkdv, {}, {**one, **deterministic}),
+            ("attn_bwd_dkdv_split", _attn_bwd_dkdv_kernel, row.dkdv, fp32_parts, deterministic),
+            ("attn_bwd_dkdv_atomic", _attn_bwd_dkdv_kernel, row.dkdv_with_dq, {}, {**one, "ATOMIC_DQ": True}),
+            ("attn_bwd_dq", _attn_bwd_dq_kernel, row.dq, {}, {}),
+        ]
+        if dtype == "fp16":
+            variants = [v for v in variants if v[0] != "attn_bwd_dkdv_split"]
+        for kernel, fn, cfg, pointers, extra in variants:
+            consts = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
+            signature, consts = _aot_signature(fn, dtype, {**stats, **pointers}, consts)
+            aligned = [n for n, t in signature.items() if t.startswith("*") and n != "KeyLengths"]
+            if "Q_SPLITS" in extra:
+                aligned.append("stride_dks")  # 0 when each program writes its keys' dK, dV itself
+            chunks = f"{BD}+{TD}" if TD else f"{BD}"
+            specs.append(AotSpec(kernel, f"{dtype} D={D} ({chunks}) {cfg.label()}", fn, signature, consts,
+                                 cfg.num_warps, cfg.num_stages, uses_dot=True, aligned=tuple(aligned)))
+        if dtype == "bf16":
+            pre_d = block_d(D)
+            pre_m = preprocess_block_m(pre_d)
+            signature, consts = _aot_signature(
+                _attn_bwd_preprocess_kernel, dtype, stats,
+                dict(HEAD_DIM=D, BLOCK_D=pre_d, BLOCK_M=pre_m, ZERO_DQ_ACC=True, ALIGNED=True))
             specs.append(AotSpec("attn_bwd_preprocess", f"{dtype} D={D} BM={pre_m} w{PREPROCESS_WARPS}",
                                  _attn_bwd_preprocess_kernel, signature, consts, PREPROCESS_WARPS,
                                  aligned=tuple(n for n, t in signature.items() if t.startswith("*"))))
