@@ -38,8 +38,8 @@ STEPS, GUIDANCE, TEXT_TOKENS = 25, 7.5, 77
 SCHEDULE = "scaled_linear"  # SD 1.x's
 PROVIDERS = ("ours", "ours-torch", "diffusers")  # our kernels on, off (bench.report.KERNELS_ON / _OFF)
 BASELINE = "diffusers"
-BUDGET_S = 5.0  # measured time per benchmark, at least MIN_ROUNDS rounds (the CPU is shared: more rounds)
-MIN_ROUNDS = 5
+BUDGET_S = 5.0 if ON_GPU else 3.0  # measured time per provider and mode, at least MIN_ROUNDS rounds
+MIN_ROUNDS = 5 if ON_GPU else 3
 
 
 class NotExpressible(ValueError):
