@@ -4,7 +4,11 @@ guard that keeps the Triton interpreter out of every timing.
 Every benchmark takes the ``bench`` fixture. ``bench.label(...)`` names the result (the keys that
 ``bench.report`` groups by: suite, case, mode, dtype, provider, baseline) and ``bench.time(build, ...)``
 times one unit of work under pytest-benchmark, then writes the derived figures (TFLOP/s, GB/s,
-images/s, fraction of the device roofline) beside the time in ``benchmark.extra_info``.
+images/s, fraction of the device roofline) beside the time in ``benchmark.extra_info``. End to end,
+``bench.interleave`` times every provider's call in alternation and ``bench.replay`` records one
+provider's rounds in its own test, so that providers compared on a shared machine saw the same load.
+
+On a CPU torch runs one thread and the clock is the process's CPU time (see ``cpu_time_timer``).
 
 Quick mode (``--bench-quick`` or ``LDM_BENCH_QUICK=1``) keeps only the cases marked ``quick`` (the
 smallest sizes) and times two rounds each, so that CI can run the whole matrix of providers and
@@ -395,24 +399,24 @@ class Bench:
         one call of each per round, the order rotating from round to round, so that every provider
         sees the same stretch of a shared machine's load. A warm-up call of each first. Returns the
         seconds of every timed call per provider; hand them to ``replay`` in each provider's test."""
-        dev, clock, warm = self.device, self.clock, {}
-        for name, call in calls.items():
-            t0 = clock()
+        dev, clock = self.device, self.clock
+        for call in calls.values():  # warm-up: compiles, autotunes, allocates
             call()
-            dev.sync()
-            warm[name] = clock() - t0
-        if self.quick:
-            rounds = QUICK_ROUNDS
-        else:
-            rounds = int(min(MAX_ROUNDS, max(min_rounds, round(budget_s / max(sum(warm.values()), 1e-9)))))
+        dev.sync()
         names, out = list(calls), {name: [] for name in calls}
-        for r in range(rounds):
+        rounds, r = None, 0
+        while rounds is None or r < rounds:
             for name in names[r % len(names):] + names[:r % len(names)]:
                 dev.sync()
                 t0 = clock()
                 calls[name]()
                 dev.sync()
                 out[name].append(clock() - t0)
+            if rounds is None:  # the first round, warm, sets the count
+                per_round = max(sum(times[-1] for times in out.values()), 1e-9)
+                wanted = round(budget_s / per_round)
+                rounds = QUICK_ROUNDS if self.quick else int(min(MAX_ROUNDS, max(min_rounds, wanted)))
+            r += 1
         return out
 
     def replay(self, durations: list[float], *, items: float = 0.0, item_unit: str = "images") -> float | None:
