@@ -28,6 +28,7 @@ demo: install
 
 test: install
 	$(PY) -m pytest tests -q -n 2
+	$(PY) -m pytest bench --benchmark-only --bench-quick -q
 
 bench: install
 	$(PY) -m pytest bench --benchmark-only

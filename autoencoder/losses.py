@@ -1,6 +1,6 @@
 """The losses that train the autoencoder, as in latent diffusion's first stage.
 
-- L1 reconstruction, plus LPIPS (Zhang et al. 2018) when VGG16 weights are on disk;
+- L1 reconstruction (or squared error, ``rec_loss="l2"``), plus LPIPS (Zhang et al. 2018) when VGG16 weights are on disk;
 - KL of the posterior to N(0, I) with a small weight (the "KL-reg" of Rombach et al. 2022);
 - a PatchGAN discriminator (Isola et al. 2017) with the hinge loss, switched on at a given step,
   its weight set adaptively from the gradient norms at the decoder's last layer (Esser et al.
@@ -27,10 +27,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 LPIPS_ENV = "LDM_LPIPS_WEIGHTS"
+REC_LOSSES = ("l1", "l2")
 
 
 @dataclass
 class LossConfig:
+    rec_loss: str = "l1"  # "l1" (latent diffusion's) or "l2" (squared error: optimises PSNR directly)
     kl_weight: float = 1e-6
     disc_start: int = 0  # first step with the GAN loss (and discriminator updates)
     disc_weight: float = 0.5  # multiplies the adaptive weight
@@ -149,6 +151,8 @@ class VAELoss(nn.Module):
 
     def __init__(self, cfg: LossConfig, in_channels: int = 3):
         super().__init__()
+        if cfg.rec_loss not in REC_LOSSES:
+            raise ValueError(f"VAELoss: rec_loss must be one of {REC_LOSSES}, got {cfg.rec_loss!r}")
         self.cfg = cfg
         self.discriminator = PatchDiscriminator(in_channels, cfg.disc_channels, cfg.disc_layers)
         self.lpips, self.lpips_notice = lpips_from_config(cfg)
@@ -157,8 +161,8 @@ class VAELoss(nn.Module):
         return step >= self.cfg.disc_start
 
     def reconstruction(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-        """Per-image L1 summed over elements (+ weighted LPIPS per element): (B,)."""
-        rec = (x - recon).abs()  # (B, 3, H, W)
+        """Per-image L1 or squared error summed over elements (+ weighted LPIPS per element): (B,)."""
+        rec = (x - recon).abs() if self.cfg.rec_loss == "l1" else (x - recon).square()  # (B, 3, H, W)
         if self.lpips is not None:
             rec = rec + self.cfg.perceptual_weight * self.lpips(x, recon).view(-1, 1, 1, 1)
         return rec.sum(dim=(1, 2, 3))

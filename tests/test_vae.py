@@ -49,8 +49,10 @@ def test_posterior_kl_sample_and_clamp(seed):
     ref = torch.distributions.kl_divergence(torch.distributions.Normal(mean, torch.exp(0.5 * logvar)),
                                             torch.distributions.Normal(0.0, 1.0)).sum((1, 2, 3))
     assert torch.allclose(post.kl(), ref, rtol=1e-5, atol=1e-5)
-    draws = torch.stack([post.sample() for _ in range(4000)])
-    assert torch.allclose(draws.mean(0), mean, atol=0.15)
+    n = 4000
+    draws = torch.stack([post.sample() for _ in range(n)])
+    z = (draws.mean(0) - mean) / (post.std / n**0.5)  # standard errors off; |z| > 5 has odds ~1e-4 over 192 values
+    assert z.abs().max() < 5, z.abs().max()
     assert torch.allclose(draws.std(0), post.std, rtol=0.1, atol=0.02)
     g1, g2 = torch.Generator().manual_seed(seed), torch.Generator().manual_seed(seed)
     assert torch.equal(post.sample(g1), post.sample(g2))
