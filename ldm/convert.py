@@ -157,14 +157,19 @@ def _meta_model(cls: type[nn.Module], config) -> nn.Module:
         return cls(config)
 
 
+def _shapes(cls: type[nn.Module], config) -> dict[str, torch.Size]:
+    """Every parameter name of ``cls(config)`` and its shape, in the model's order."""
+    return {k: v.shape for k, v in _meta_model(cls, config).state_dict().items()}
+
+
 def unet_key_map(config: UNetConfig) -> dict[str, tuple[str, ...]]:
     """Every parameter of ``UNet(config)`` -> its diffusers tensors."""
-    return {k: unet_diffusers_keys(k) for k in _meta_model(UNet, config).state_dict()}
+    return {k: unet_diffusers_keys(k) for k in _shapes(UNet, config)}
 
 
 def vae_key_map(config: VAEConfig) -> dict[str, tuple[str, ...]]:
     """Every parameter of ``VAE(config)`` -> its diffusers tensor (a 1-tuple)."""
-    return {k: (vae_diffusers_key(k),) for k in _meta_model(VAE, config).state_dict()}
+    return {k: (vae_diffusers_key(k),) for k in _shapes(VAE, config)}
 
 
 def _few(keys, n: int = 6) -> str:
@@ -242,20 +247,21 @@ def unet_from_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig, s
                         device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A diffusers ``UNet2DConditionModel`` state dict -> ours for ``UNet(config)``; q/k/v fused,
     linear proj_in/proj_out (``use_linear_projection``) reshaped to 1x1 convolutions."""
-    shapes = {k: v.shape for k, v in _meta_model(UNet, config).state_dict().items()}
-    return _from_diffusers(state, shapes, unet_key_map(config), UNET_1X1, source, "UNet", device, dtype)
+    shapes = _shapes(UNet, config)
+    key_map = {k: unet_diffusers_keys(k) for k in shapes}
+    return _from_diffusers(state, shapes, key_map, UNET_1X1, source, "UNet", device, dtype)
 
 
 def unet_to_diffusers(state: Mapping[str, torch.Tensor], config: UNetConfig, linear_projection: bool = False,
                       source: str = "UNet state dict") -> dict[str, torch.Tensor]:
     """Our UNet state dict -> diffusers'; ``linear_projection`` writes proj_in/proj_out as linear
     layers (diffusers' ``use_linear_projection``, SD 2.x), else as 1x1 convolutions (SD 1.x)."""
-    shapes = {k: v.shape for k, v in _meta_model(UNet, config).state_dict().items()}
+    shapes = _shapes(UNet, config)
 
     def reshape(name: str, t: torch.Tensor) -> torch.Tensor:
         return t.flatten(1) if linear_projection and UNET_1X1.search(name) else t  # (C, C, 1, 1) -> (C, C)
 
-    return _to_diffusers(state, shapes, unet_key_map(config), source, "UNet", reshape)
+    return _to_diffusers(state, shapes, {k: unet_diffusers_keys(k) for k in shapes}, source, "UNet", reshape)
 
 
 def _rename_legacy_vae_keys(state: Mapping[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
@@ -273,16 +279,17 @@ def vae_from_diffusers(state: Mapping[str, torch.Tensor], config: VAEConfig, sou
                        device=None, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """A diffusers ``AutoencoderKL`` state dict (current or pre-0.14 attention names, linear or 1x1
     convolution attention weights) -> ours for ``VAE(config)``."""
-    shapes = {k: v.shape for k, v in _meta_model(VAE, config).state_dict().items()}
-    return _from_diffusers(_rename_legacy_vae_keys(state, source), shapes, vae_key_map(config), VAE_1X1,
-                           source, "VAE", device, dtype)
+    shapes = _shapes(VAE, config)
+    key_map = {k: (vae_diffusers_key(k),) for k in shapes}
+    return _from_diffusers(_rename_legacy_vae_keys(state, source), shapes, key_map, VAE_1X1, source, "VAE",
+                           device, dtype)
 
 
 def vae_to_diffusers(state: Mapping[str, torch.Tensor], config: VAEConfig,
                      source: str = "VAE state dict") -> dict[str, torch.Tensor]:
     """Our VAE state dict -> diffusers ``AutoencoderKL``'s."""
-    shapes = {k: v.shape for k, v in _meta_model(VAE, config).state_dict().items()}
-    return _to_diffusers(state, shapes, vae_key_map(config), source, "VAE")
+    shapes = _shapes(VAE, config)
+    return _to_diffusers(state, shapes, {k: (vae_diffusers_key(k),) for k in shapes}, source, "VAE")
 
 
 # ================================================================ configs
@@ -590,6 +597,10 @@ def _sample_size(cfg: dict, source: str) -> int:
     return size
 
 
+def _scaling_factor(vae_cfg: dict) -> float:
+    return float(vae_cfg.get("scaling_factor") or DEFAULT_SCALING_FACTOR)
+
+
 def _assemble(cls: type[nn.Module], config, state: dict[str, torch.Tensor]) -> nn.Module:
     """Build on the meta device and take ``state``'s tensors as the parameters (no copy, no init)."""
     model = _meta_model(cls, config)
@@ -655,20 +666,24 @@ def load_diffusers_pipeline(path: str | Path, device="cpu", dtype: torch.dtype =
         raise ValueError(f"{path}: the VAE makes {vae.config.latent_channels}-channel latents, the UNet takes "
                          f"in_channels={unet.config.in_channels}")
     return DiffusersPipeline(
-        unet=unet, vae=vae, latent_scale_factor=float(vae_cfg.get("scaling_factor") or DEFAULT_SCALING_FACTOR),
+        unet=unet, vae=vae, latent_scale_factor=_scaling_factor(vae_cfg),
         schedule=schedule, prediction=prediction, text_encoder_path=path / "text_encoder",
         resolution=_sample_size(unet_cfg, str(path / "unet" / CONFIG_NAME)) * vae.config.downsample_factor)
+
+
+def _our_config(cls, meta: dict, file: Path):
+    try:
+        return cls(**meta["config"])
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{file}: config does not describe a {cls.__name__} ({e})") from None
 
 
 def load_unet(folder: str | Path, device="cpu") -> tuple[UNet, dict]:
     """Our ``folder/unet.safetensors`` + ``unet.json`` -> (UNet in eval mode, gradients off; the JSON)."""
     folder = Path(folder)
     state, meta = load_model_files(folder, UNET_NAME)
-    try:
-        config = UNetConfig(**meta["config"])
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"{folder / (UNET_NAME + '.json')}: config does not describe a UNet ({e})") from None
-    shapes = {k: v.shape for k, v in _meta_model(UNet, config).state_dict().items()}
+    config = _our_config(UNetConfig, meta, folder / f"{UNET_NAME}.json")
+    shapes = _shapes(UNet, config)
     _check_state(state, shapes, str(folder / f"{UNET_NAME}.safetensors"), "UNet")
     return _assemble(UNet, config, state).to(device), meta
 
@@ -695,7 +710,7 @@ def convert_from_diffusers(path: str | Path, out: str | Path, dtype: torch.dtype
                text_encoder_options=SD_TEXT_ENCODER_OPTIONS, sample_size=latent, resolution=latent * f,
                diffusers_config=unet_cfg, source=source, created_by="ldm.convert from-diffusers")
     save_model(out, VAE_NAME, vae, vae.config,
-               latent_scale_factor=float(vae_cfg.get("scaling_factor") or DEFAULT_SCALING_FACTOR), latent_mean=0.0,
+               latent_scale_factor=_scaling_factor(vae_cfg), latent_mean=0.0,
                resolution=latent * f, downsample_factor=f, latent_shape=[vae.config.latent_channels, latent, latent],
                diffusers_config=vae_cfg, source=source, created_by="ldm.convert from-diffusers")
     return out
@@ -732,7 +747,8 @@ def convert_to_diffusers(folder: str | Path, out: str | Path, vae_folder: str | 
     if not (vae_folder / f"{VAE_NAME}.json").is_file() and isinstance(unet_meta.get("vae"), str):
         vae_folder = Path(unet_meta["vae"])  # the VAE the UNet was trained with
     vae_state, vae_meta = load_model_files(vae_folder, VAE_NAME)
-    unet_config, vae_config = UNetConfig(**unet_meta["config"]), VAEConfig(**vae_meta["config"])
+    unet_config = _our_config(UNetConfig, unet_meta, unet_json)
+    vae_config = _our_config(VAEConfig, vae_meta, vae_folder / f"{VAE_NAME}.json")
     for field in ("prediction", "schedule"):
         if field not in unet_meta:
             raise ValueError(f"{unet_json} has no {field!r}: cannot write the scheduler config")
@@ -784,8 +800,11 @@ def convert_to_diffusers(folder: str | Path, out: str | Path, vae_folder: str | 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m ldm.convert", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m ldm.convert", description=__doc__.split("\n\n")[0],
+        epilog="examples:\n  python -m ldm.convert from-diffusers PATH --out DIR\n"
+               "  python -m ldm.convert to-diffusers DIR --out PATH",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     dtypes = ["keep", *DTYPES]
     a = sub.add_parser("from-diffusers", help="SD 1.x folder in diffusers layout -> our unet.* and vae.*")

@@ -321,6 +321,12 @@ def test_sd15_unet_full_size(seed):
     assert n_ours == n_theirs == SD15_UNET_PARAMETERS
     assert err < TOL
 
+    # the way back at full size: diffusers' names and shapes, and the same tensors once read again
+    back = unet_to_diffusers(ours.state_dict(), config)
+    assert {k: v.shape for k, v in back.items()} == {k: v.shape for k, v in sd_unet_meta().state_dict().items()}
+    again = unet_from_diffusers(back, config)
+    assert all(torch.equal(again[k], v) for k, v in ours.state_dict().items())
+
 
 @pytest.mark.slow
 def test_sd_vae_full_size(seed):
@@ -337,6 +343,19 @@ def test_sd_vae_full_size(seed):
           f"mean {errs[0]:.2e}, logvar {errs[1]:.2e}, decode {errs[2]:.2e}")
     assert count_parameters(ours) == n_theirs == SD_VAE_PARAMETERS
     assert all(e < TOL for e in errs)
+    back, their_state = vae_to_diffusers(ours.state_dict(), config), theirs.state_dict()
+    assert set(back) == set(their_state) and all(torch.equal(back[k], their_state[k]) for k in their_state)
+
+
+def test_sd_configs_translate_both_ways():
+    """SD 1.5's config.json files give our sd15 / sd presets, and the presets give them back."""
+    assert unet_config_from_diffusers(SD15_UNET) == UNET_CONFIGS["sd15"]
+    exported = unet_config_to_diffusers(UNET_CONFIGS["sd15"], sample_size=64)
+    assert {k: exported[k] for k in SD15_UNET} == {k: list(v) if isinstance(v, tuple) else v
+                                                   for k, v in SD15_UNET.items()}
+    assert vae_config_from_diffusers(SD_VAE) == VAE_CONFIGS["sd"]
+    exported = vae_config_to_diffusers(VAE_CONFIGS["sd"], 0.18215, sample_size=512)
+    assert {k: exported[k] for k in SD_VAE} == {k: list(v) if isinstance(v, tuple) else v for k, v in SD_VAE.items()}
 
 
 # ---------------------------------------------------------------- folders and commands
