@@ -33,8 +33,9 @@ from ldm.convert import (
     vae_from_diffusers,
     vae_to_diffusers,
 )
+from ldm.checkpoint import save_model
 from ldm.pretrained import load_vae
-from ldm.unet import UNET_CONFIGS, UNet, count_parameters, unet_config
+from ldm.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters, unet_config
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
@@ -407,6 +408,53 @@ def test_folder_conversion_both_ways(tmp_path, seed):
     assert isinstance(pipe.text_encoder, transformers.CLIPTextModel) and pipe.tokenizer("a red cube").input_ids
 
 
+def test_weights_trained_here_open_in_diffusers(tmp_path, seed):
+    """What the training scripts export (save_model: our schedule name, v prediction, no sample size in
+    unet.json, the VAE in another folder) -> to-diffusers -> diffusers computes what ours computes."""
+    g = torch.Generator().manual_seed(seed)
+    config = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
+                        num_heads=2, context_dim=12, norm_groups=4)
+    unet = redraw_(UNet(config), g)
+    save_model(tmp_path / "run", "unet", unet, config, prediction="v", schedule="cosine", text_encoder=None)
+    vae_config = VAE_CONFIGS["tiny"]
+    vae = redraw_(VAE(vae_config), g)
+    save_model(tmp_path / "vae_run", "vae", vae, vae_config, latent_scale_factor=0.7, latent_mean=0.0,
+               resolution=32, downsample_factor=4, latent_shape=[4, 8, 8])
+    out = tmp_path / "exported"
+    assert convert.main(["to-diffusers", str(tmp_path / "run"), "--vae", str(tmp_path / "vae_run"),
+                         "--out", str(out)]) == 0
+    assert not (out / "model_index.json").exists()  # no CLIP text encoder to ship with it
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").to(F64).eval()
+    assert theirs.config.sample_size == 8
+    theirs.time_proj = Float64Timesteps(16)
+    ref, mine = unet_outputs(theirs, unet.to(F64).eval(), *unet_inputs({"cross_attention_dim": 12}, g))
+    assert rel_err(mine, ref) < TOL
+    their_vae = diffusers.AutoencoderKL.from_pretrained(out / "vae").to(F64).eval()
+    assert their_vae.config.scaling_factor == 0.7 and their_vae.config.sample_size == 32
+    x = torch.rand(1, 3, 32, 32, generator=g, dtype=F64) * 2 - 1
+    z = torch.randn(1, 4, 8, 8, generator=g, dtype=F64)
+    refs, outs = vae_outputs(their_vae, vae.to(F64).eval(), x, z)
+    assert all(rel_err(o, r) < TOL for o, r in zip(outs, refs))
+    scheduler = diffusers.DDIMScheduler.from_pretrained(out / "scheduler")
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert torch.allclose(scheduler.alphas_cumprod.to(F64), schedule_from_config("cosine").alphas_cumprod, rtol=2e-5)
+
+
+def test_sharded_and_variant_weights_are_read(tmp_path, seed):
+    theirs = diffusers_unet(SMALL_UNETS["linear-proj"], torch.Generator().manual_seed(seed), float64_time=False)
+    state = {k: v.clone() for k, v in theirs.state_dict().items()}  # float64
+    theirs.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
+    assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
+    theirs.to(torch.float16).save_pretrained(tmp_path / "half", variant="fp16")
+    ours, _ = convert.load_diffusers_unet(tmp_path / "sharded", dtype=None)  # the stored precision
+    assert all(torch.equal(ours.state_dict()[k], v) for k, v in unet_from_diffusers(state, ours.config).items())
+    with pytest.raises(FileNotFoundError, match=r"variants present: diffusion_pytorch_model\.fp16\.safetensors"):
+        convert.load_diffusers_unet(tmp_path / "half")
+    half, _ = convert.load_diffusers_unet(tmp_path / "half", variant="fp16", dtype=torch.float32)
+    assert half.conv_out.weight.dtype == torch.float32
+    assert torch.equal(half.conv_out.weight, state["conv_out.weight"].half().float())
+
+
 def test_load_diffusers_pipeline(tmp_path, seed):
     src = make_tiny_sd_folder(tmp_path / "sd", seed, scheduler="ddim")
     pipe = load_diffusers_pipeline(src)
@@ -581,7 +629,7 @@ def test_help_lists_both_commands(capsys):
 @pytest.mark.xfail(strict=True, reason="ldm.sample --from-diffusers is written on another branch")
 def test_sample_from_diffusers(tmp_path, seed):
     """End to end once ldm.sample lands: ``python -m ldm.sample --from-diffusers PATH`` on a tiny SD folder
-    writes the image (its size: the folder's resolution, 32 x 32)."""
+    writes the image (the folder's resolution: 32 x 32)."""
     from PIL import Image
 
     from ldm import sample
@@ -590,5 +638,5 @@ def test_sample_from_diffusers(tmp_path, seed):
     out = tmp_path / "sample.png"
     assert sample.main(["--from-diffusers", str(src), "--prompt", "a red cube", "--steps", "2", "--n", "1",
                         "--seed", "0", "--out", str(out)]) == 0
-    with Image.open(out) as image:
-        assert image.size == (32, 32)
+    with Image.open(out) as image:  # 32 x 32 pixels, or a multiple if the image is enlarged for viewing
+        assert image.size[0] % 32 == 0 and image.size[1] % 32 == 0
