@@ -1,7 +1,5 @@
 """The VAE: shapes per preset, the posterior, the attention path, diffusers equivalence, the losses."""
 
-import re
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -11,6 +9,7 @@ import kernels
 from autoencoder import VAE, VAE_CONFIGS, DiagonalGaussian, LossConfig, VAEConfig, VAELoss, hinge_d_loss
 from autoencoder import vae as vae_module
 from autoencoder.losses import LPIPS, LPIPS_ENV
+from ldm.convert import vae_diffusers_key as diffusers_key  # the key map lives in ldm.convert
 
 TINY = VAEConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, latent_channels=3, norm_groups=4)
 
@@ -107,24 +106,6 @@ def test_bad_input_names_the_problem():
 
 
 # ---------------------------------------------------------------- diffusers equivalence
-def diffusers_key(ours: str) -> str:
-    """Our parameter name -> diffusers AutoencoderKL's (a renaming: the layers are the same)."""
-    rules = [
-        (r"^(encoder)\.levels\.(\d+)\.blocks\.", r"\1.down_blocks.\2.resnets."),
-        (r"^(decoder)\.levels\.(\d+)\.blocks\.", r"\1.up_blocks.\2.resnets."),
-        (r"^encoder\.levels\.(\d+)\.resample\.", r"encoder.down_blocks.\1.downsamplers.0."),
-        (r"^decoder\.levels\.(\d+)\.resample\.", r"decoder.up_blocks.\1.upsamplers.0."),
-        (r"\.mid\.res1\.", ".mid_block.resnets.0."), (r"\.mid\.res2\.", ".mid_block.resnets.1."),
-        (r"\.mid\.attn\.norm\.", ".mid_block.attentions.0.group_norm."),
-        (r"\.mid\.attn\.(q|k|v)\.", r".mid_block.attentions.0.to_\1."),
-        (r"\.mid\.attn\.out\.", ".mid_block.attentions.0.to_out.0."),
-        (r"\.skip\.", ".conv_shortcut."), (r"\.norm_out\.", ".conv_norm_out."),
-    ]
-    for pattern, repl in rules:
-        ours = re.sub(pattern, repl, ours)
-    return ours
-
-
 def diffusers_vae(cfg: VAEConfig):
     diffusers = pytest.importorskip("diffusers")
     n = len(cfg.channel_mult)
