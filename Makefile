@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh Linux machine with Python >= 3.10:
-#   make demo   - install, train the VAE, train the text-conditioned UNet, sample a grid
+#   make demo   - install, train the VAE, train the text-conditioned UNet, sample a grid, score it
 #   make test   - install, run the tests and a quick pass of the benchmark suite
 # Both are idempotent: the install step is skipped while .venv is up to date with pyproject.toml.
 
@@ -24,7 +24,8 @@ demo: install
 	$(PY) -m ldm.train_vae --out $(RUNS)/vae
 	$(PY) -m ldm.train_unet --text --vae $(RUNS)/vae --out $(RUNS)/unet
 	$(PY) -m ldm.sample --unet $(RUNS)/unet --vae $(RUNS)/vae --out $(RUNS)/samples/grid.png
-	@echo "pictures: $(RUNS)/samples/grid.png (validation grids and training GIF in $(RUNS)/unet/)"
+	$(PY) -m ldm.eval_text --unet $(RUNS)/unet --vae $(RUNS)/vae --json $(RUNS)/samples/eval_text.json
+	@echo "pictures: $(RUNS)/samples/grid.png (validation grids and training GIF in $(RUNS)/unet/val/)"
 
 test: install
 	$(PY) -m pytest tests -q -n 2

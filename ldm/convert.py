@@ -414,6 +414,9 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int | None = None,
                            "ResBlocks without attention (its UNetMidBlock2D holds one ResBlock)")
     if config.ff_mult != DIFFUSERS_FF_MULT:
         raise _unsupported(source, "ff_mult", config.ff_mult, f"diffusers' feed-forward is {DIFFUSERS_FF_MULT} wide")
+    if config.pooled_context:
+        raise _unsupported(source, "pooled_context", True, "SD 1.x's UNet2DConditionModel sees the text "
+                           "through cross-attention only")
     levels = range(len(config.channel_mult))
     cross = [lvl in config.attention_levels for lvl in levels]
     out = {

@@ -63,6 +63,10 @@ class UNetConfig:
     norm_groups: int = 32
     dropout: float = 0.0  # inside ResBlocks, between the second norm and conv
     gradient_checkpointing: bool = False  # recompute blocks in the backward pass to save memory
+    # Also condition every ResBlock on the whole prompt: the mean of the valid text tokens, projected
+    # and added to the timestep embedding (the pooled text embedding of Imagen, Saharia et al. 2022).
+    # Off in SD 1.x, which sees the text through cross-attention only.
+    pooled_context: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # JSON gives lists back
@@ -88,6 +92,8 @@ class UNetConfig:
             if ch % self.num_heads:
                 raise ValueError(f"UNetConfig: {ch} channels (model_channels {self.model_channels} x {m}) "
                                  f"are not divisible by num_heads={self.num_heads}")
+        if self.pooled_context and self.context_dim is None:
+            raise ValueError("UNetConfig: pooled_context needs a text context (context_dim is None)")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"UNetConfig: dropout must be in [0, 1), got {self.dropout}")
 
@@ -125,6 +131,15 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: int = MAX_PERIOD) 
     if dim % 2:
         emb = F.pad(emb, (0, 1))  # (B, dim)
     return emb
+
+
+def masked_mean(context: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean of the first ``lengths[b]`` tokens of each row: context (B, L, C), lengths (B,) or None -> (B, C)."""
+    if lengths is None:
+        return context.mean(1)
+    valid = torch.arange(context.shape[1], device=context.device)[None, :] < lengths[:, None]  # (B, L)
+    total = (context * valid[..., None].to(context.dtype)).sum(1)  # (B, C)
+    return total / lengths.clamp(min=1)[:, None].to(context.dtype)
 
 
 def zero_(module: nn.Module) -> nn.Module:
@@ -307,6 +322,7 @@ class UNet(nn.Module):
             return ResBlock(i, o, emb_dim, cfg.norm_groups, cfg.dropout)
 
         self.time_embed = TimeEmbedding(mc, emb_dim)
+        self.context_pool = nn.Linear(cfg.context_dim, emb_dim) if cfg.pooled_context else None
         self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
 
         skip_chans, ch = [mc], mc  # the channels of every tensor the down path leaves for the up path
@@ -375,7 +391,10 @@ class UNet(nn.Module):
                 context_lengths: torch.Tensor | None = None) -> torch.Tensor:
         self._check_inputs(x, t, context, context_lengths)
         t = t.expand(x.shape[0])  # (B,)
-        emb = F.silu(self.time_embed(t))  # (B, 4 * mc), the SiLU every ResBlock applies first
+        emb = self.time_embed(t)  # (B, 4 * mc)
+        if self.context_pool is not None:
+            emb = emb + self.context_pool(masked_mean(context, context_lengths).to(emb.dtype))  # (B, 4 * mc)
+        emb = F.silu(emb)  # the SiLU every ResBlock applies first
         cond = (context, context_lengths)
 
         h = self.conv_in(x)  # (B, mc, H, W)

@@ -577,6 +577,8 @@ def test_export_refuses_what_diffusers_cannot_hold():
         unet_config_to_diffusers(unet_config("sd15", context_dim=None))
     with pytest.raises(ValueError, match=r"ff_mult=2"):
         unet_config_to_diffusers(unet_config("sd15", ff_mult=2))
+    with pytest.raises(ValueError, match=r"pooled_context=true"):
+        unet_config_to_diffusers(unet_config("sd15", pooled_context=True))
     with pytest.raises(ValueError, match=r"attention_heads=2"):
         vae_config_to_diffusers(VAEConfig(attention_heads=2), 0.18)
 

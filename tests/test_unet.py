@@ -223,6 +223,31 @@ def test_padded_context_tokens_are_masked(tiny, seed):
         assert (tiny(x, t, changed, lengths)[0] - ref[0]).abs().max() > 1e-4
 
 
+def test_pooled_context_is_the_mean_of_the_valid_tokens(seed):
+    """pooled_context: the masked token mean (float64 reference) reaches the timestep embedding and matters."""
+    model = randomize_(UNet(unet_config("tiny", model_channels=32, norm_groups=8, context_dim=24,
+                                        pooled_context=True))).double()
+    x, t, cond = inputs(model.config, B=3, L=6, dtype=torch.float64)
+    ctx, lengths = cond["context"], cond["context_lengths"]
+    seen = []
+    model.context_pool.register_forward_hook(lambda module, args, out: seen.append(args[0]))
+    with torch.no_grad():
+        ref = model(x, t, **cond)
+        model(x, t, ctx)  # no lengths: every token counts
+        expected = torch.stack([ctx[b, :lengths[b]].mean(0) for b in range(3)])  # (3, 24)
+        torch.testing.assert_close(seen[0], expected, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(seen[1], ctx.mean(1), rtol=1e-12, atol=1e-12)
+        garbage = ctx.clone()
+        for b in range(3):
+            garbage[b, lengths[b]:] = torch.randn(6 - lengths[b], 24, dtype=torch.float64) * 10
+        torch.testing.assert_close(model(x, t, garbage, lengths), ref, rtol=1e-10, atol=1e-12)
+        model.context_pool.weight.zero_()
+        model.context_pool.bias.zero_()
+        assert (model(x, t, **cond) - ref).abs().max() > 1e-6  # the pooled path carries signal
+    with pytest.raises(ValueError, match="pooled_context needs a text context"):
+        unet_config("tiny", context_dim=None, pooled_context=True)
+
+
 def test_batch_elements_are_independent(seed):
     """Every reshape keeps batch rows apart: each sample alone gives the batched result (float64)."""
     model = randomize_(UNet(unet_config("tiny", model_channels=32, norm_groups=8, context_dim=24))).double()
