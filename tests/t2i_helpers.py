@@ -36,8 +36,8 @@ def make_vae(folder: Path, seed: int, config: VAEConfig = VAE_CONFIG) -> Path:
     return folder
 
 
-def make_text_encoder(folder: Path, seed: int = 0) -> Path:
-    """A one-layer BERT, 16 wide, whose WordPiece vocabulary holds every word of the shapes captions."""
+def make_text_encoder(folder: Path, seed: int = 0, width: int = ENCODER_WIDTH) -> Path:
+    """A one-layer BERT, ``width`` wide, whose WordPiece vocabulary holds every word of the shapes captions."""
     from transformers import BertConfig, BertModel, BertTokenizer
 
     words = {w for values in VOCABULARY.values() for v in values for w in v.split()}
@@ -48,7 +48,7 @@ def make_text_encoder(folder: Path, seed: int = 0) -> Path:
     (folder / "vocab.txt").write_text("\n".join(vocab) + "\n")
     BertTokenizer(str(folder / "vocab.txt")).save_pretrained(folder)
     torch.manual_seed(seed)
-    config = BertConfig(vocab_size=len(vocab), hidden_size=ENCODER_WIDTH, num_hidden_layers=1, num_attention_heads=2,
+    config = BertConfig(vocab_size=len(vocab), hidden_size=width, num_hidden_layers=1, num_attention_heads=2,
                         intermediate_size=32, max_position_embeddings=80)
     BertModel(config).save_pretrained(folder)
     return folder
