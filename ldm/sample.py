@@ -114,6 +114,8 @@ def load_unet(folder: str | Path, device: str | torch.device = "cpu") -> tuple[U
     its ``unet.json``. Errors name the file that is missing or not ours."""
     folder = Path(folder)
     json_path = folder / f"{UNET_NAME}.json"
+    if not folder.is_dir():
+        raise SampleError(f"checkpoint folder not found: {folder} (train one with python -m ldm.train_unet --text)")
     try:
         state, meta = load_model_files(folder, UNET_NAME)
     except (FileNotFoundError, ValueError) as e:

@@ -259,6 +259,24 @@ def test_unconditional_training_and_sampling(assets, tmp_path, seed, capsys):
     assert "unconditional" in capsys.readouterr().err
 
 
+def test_training_on_an_image_folder(assets, tmp_path, seed):
+    rng = np.random.default_rng(seed)
+    data = tmp_path / "data"
+    data.mkdir()
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(data / f"{i}.png")
+        (data / f"{i}.txt").write_text(f"a red picture number {i}" if i != 2 else "")
+    with pytest.warns(UserWarning, match="1 of 5 images have no caption"):
+        rc, err = run(["--out", tmp_path / "out", "--data", data, "--text", "--text-encoder", assets["encoder"]]
+                      + train_flags(assets["vae"], 2, seed))
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "out" / "unet.json").read_text())
+    assert meta["dataset"]["name"] == "folder" and meta["cached_items"] == 5
+    assert meta["val_prompts"] == [f"a red picture number {i}" for i in (0, 1, 3, 4)]  # distinct, not empty
+    text = load_file(tmp_path / "out" / "cache" / "text.safetensors")
+    assert len(text["tokens"]) == 5 and text["index"][2] == text["empty_index"]  # the uncaptioned image
+
+
 # ---------------------------------------------------------------- bad input
 @pytest.mark.parametrize("argv, message", [
     (["--vae", "{tmp}/no_vae"], "--vae: checkpoint folder not found: {tmp}/no_vae (train one with python -m ldm"),
