@@ -40,6 +40,7 @@ import signal
 import sys
 import time
 from dataclasses import dataclass, fields
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -97,6 +98,7 @@ CACHE_FORMAT = 1  # bump when the cache layout changes
 CACHE_ON_DEVICE_BYTES = 2 << 30  # caches up to this size live on the training device, larger ones on the CPU
 STEP_SEED_STRIDE = 1 << 32  # step s of a run with --seed k draws from seed k * STRIDE + s
 GIF_FRAME_MS = 400
+DIST_TIMEOUT = timedelta(hours=2)  # how long ranks wait for rank 0 (it builds the cache of a large dataset alone)
 # Flags that define a run: on --resume they come from the checkpoint, and giving a different value is an error.
 RUN_FLAGS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "preset",
              "unet_override", "prediction", "schedule", "min_snr_gamma", "batch_size", "lr", "lr_schedule",
@@ -240,7 +242,7 @@ def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DIST_TIMEOUT)
     return d, device
 
 
@@ -336,7 +338,7 @@ def validation_prompts(args, dataset, n: int) -> list[str]:
     if args.data is None:
         return [text for _, text in eval_prompts(DEMO.val_prompts, VAL_PROMPT_SEED)]
     seen = dict.fromkeys(c for c in dataset_captions(dataset, n) if c)
-    return list(seen)[:DEMO.val_prompts]
+    return list(seen)[:DEMO.val_prompts] or [""]  # no captions at all: the grids show the empty prompt
 
 
 @dataclass
@@ -420,6 +422,40 @@ class Positions:
             out[k:k + m] = self._perm(epoch)[offset:offset + m]
             k += m
         return torch.from_numpy(out)
+
+
+class Batches:
+    """Step s's global batch: the cached items at stream positions s*B .. s*B + B - 1, a fresh posterior
+    sample of each latent, timesteps, noise and caption drops, all drawn for the whole global batch
+    from seed (``seed``, s); rank r keeps rows r*b .. (r+1)*b - 1 (b = B / world). One process or
+    many, step s trains on the same numbers."""
+
+    def __init__(self, cache: Cache, batch_size: int, d: Dist, seed: int, cfg_drop: float, num_timesteps: int,
+                 device: torch.device):
+        self.cache, self.B, self.seed, self.cfg_drop, self.T, self.device = (
+            cache, batch_size, seed, cfg_drop, num_timesteps, device)
+        self.b = batch_size // d.world
+        self.first = d.rank * self.b  # this rank's first row of every global batch
+        self.rows = slice(self.first, self.first + self.b)
+        self.positions = Positions(len(cache.mean), seed)
+        self.gen = torch.Generator(device)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """-> x0 (b, C, h, w), t (b,) integer timesteps, noise (b, C, h, w), the UNet's context kwargs."""
+        c, B, dev = self.cache, self.B, self.device
+        idx = self.positions.take(step * B + self.first, self.b).to(c.mean.device)  # (b,) cached items
+        self.gen.manual_seed((self.seed * STEP_SEED_STRIDE + step) % 2**64)
+        shape = (B, *c.mean.shape[1:])
+        t = torch.randint(0, self.T, (B,), generator=self.gen, device=dev)[self.rows]  # (b,)
+        z_noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
+        noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
+        drop = (torch.rand(B, generator=self.gen, device=dev) < self.cfg_drop)[self.rows]  # (b,)
+        x0 = c.mean[idx].to(dev).float() + c.std[idx].to(dev).float() * z_noise  # (b, C, h, w)
+        if c.tokens is None:
+            return x0, t, noise, {}
+        row = torch.where(drop, c.empty_row, c.caption_row[idx].to(dev)).to(c.tokens.device)  # (b,)
+        return x0, t, noise, {"context": c.tokens[row].to(dev).float(),  # (b, L, width)
+                              "context_lengths": c.token_lengths[row].to(dev)}  # (b,)
 
 
 # ------------------------------------------------------------------------------------ training
@@ -544,16 +580,6 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     except (TypeError, ValueError) as e:
         raise RunError(f"--preset {args.preset} with --unet-override: {e}") from None
     torch.set_num_threads(args.threads or max(1, (os.cpu_count() or 1) // d.world))
-    if d.main and not args.resume:
-        if ckpt.root.is_dir():  # a new run: keep the old one aside, never mix the two
-            aside = out / "checkpoints.previous"
-            if aside.exists():
-                shutil.rmtree(aside)
-            ckpt.root.rename(aside)
-            print(f"train_unet: starting a new run in {out}; the earlier run's checkpoints moved to {aside} "
-                  "(--resume continues a run instead)", file=sys.stderr)
-        for old in (out / "val").glob("step_*.png"):
-            old.unlink()
     try:
         vae, vae_meta = load_vae(args.vae, device)
     except (FileNotFoundError, ValueError) as e:
@@ -580,6 +606,16 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
                              context_dim=width, gradient_checkpointing=args.grad_checkpointing, **overrides)
     except (TypeError, ValueError) as e:
         raise RunError(f"--preset {args.preset} with --unet-override: {e}") from None
+    if d.main and not args.resume:  # every input checked: only now touch an earlier run's outputs
+        if ckpt.root.is_dir():  # a new run: keep the old one aside, never mix the two
+            aside = out / "checkpoints.previous"
+            if aside.exists():
+                shutil.rmtree(aside)
+            ckpt.root.rename(aside)
+            print(f"train_unet: starting a new run in {out}; the earlier run's checkpoints moved to {aside} "
+                  "(--resume continues a run instead)", file=sys.stderr)
+        for old in (out / "val").glob("step_*.png"):
+            old.unlink()
     model = UNet(config).to(device)
     ema = UNet(config).to(device).eval().requires_grad_(False)
     ema.load_state_dict(model.state_dict())
@@ -615,7 +651,6 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     run_args = {k: v for k, v in vars(args).items() if k not in ("resume", "quiet")}
     log = MetricsLog(out / "metrics.jsonl", resume_step=start_step if parts is not None else None, enabled=d.main)
     B, b = args.batch_size, args.batch_size // d.world
-    rows = slice(d.rank * b, (d.rank + 1) * b)  # this rank's shard of every global batch
     if d.main:
         what = f"text-conditional ({width}-wide tokens)" if args.text else "unconditional"
         print(f"train_unet: {args.preset} UNet, {count_parameters(model) / 1e6:.2f}M parameters, {what}, "
@@ -641,10 +676,8 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
                             out / "val" / f"step_{step:07d}.png")
             plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
 
-    positions = Positions(N, args.seed)
-    gen = torch.Generator(device)
+    batches = Batches(cache, B, d, args.seed, args.cfg_drop, schedule.num_timesteps, device)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
-    T = schedule.num_timesteps
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
     progress = Progress(args.steps, initial=start_step, desc="train_unet", enabled=d.main and not args.quiet)
     step, saved_step, t_start = start_step, start_step if parts is not None else -1, time.perf_counter()
@@ -652,19 +685,7 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     model.train()
     try:
         while step < args.steps:
-            idx = positions.take(step * B + d.rank * b, b).to(cache.mean.device)  # (b,) cached items
-            # the whole global batch's randomness from (seed, step); this rank keeps its rows
-            gen.manual_seed((args.seed * STEP_SEED_STRIDE + step) % 2**64)
-            t = torch.randint(0, T, (B,), generator=gen, device=device)[rows]  # (b,)
-            z_noise = torch.randn((B, *latent_shape), generator=gen, device=device)[rows]  # (b, C, h, w)
-            noise = torch.randn((B, *latent_shape), generator=gen, device=device)[rows]
-            drop = (torch.rand(B, generator=gen, device=device) < args.cfg_drop)[rows]  # (b,)
-            x0 = (cache.mean[idx].to(device).float() + cache.std[idx].to(device).float() * z_noise)  # (b, C, h, w)
-            cond = {}
-            if args.text:
-                row = torch.where(drop, cache.empty_row, cache.caption_row[idx].to(device))  # (b,)
-                cond = {"context": cache.tokens[row.to(cache.tokens.device)].to(device).float(),  # (b, L, width)
-                        "context_lengths": cache.token_lengths[row.to(cache.tokens.device)].to(device)}  # (b,)
+            x0, t, noise, cond = batches(step)
             lr = learning_rate(args, step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -727,8 +748,9 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
         pipe.encoder = load_text_encoder(cache.keys["text"]["text_encoder"], device)
         scores = evaluate_prompts(pipe, n=args.eval, sampler=SAMPLER, steps=args.val_steps, cfg=args.val_cfg,
                                   seed=args.seed)
-    enc_path = None if args.text_encoder is None else str(Path(args.text_encoder).resolve())
-    save_model(out, "unet", ema, config, prediction=args.prediction, schedule=args.schedule, num_timesteps=T,
+    enc_path = None if args.text_encoder is None else str(Path(args.text_encoder).resolve())  # None: the default
+    save_model(out, "unet", ema, config, prediction=args.prediction, schedule=args.schedule,
+               num_timesteps=schedule.num_timesteps,
                text_encoder={"path": enc_path, "width": width} if args.text else None,
                vae=str(Path(args.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                latent_shape=list(latent_shape), resolution=resolution, val_prompts=val_prompts,

@@ -325,6 +325,36 @@ def test_positions_follow_the_shuffled_stream_rule(seed):
         assert positions.take(start, count).tolist() == [stream[k] for k in range(start, start + count)]
 
 
+def test_shards_of_two_ranks_make_up_the_global_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    N, U = 10, 4
+    cache = train_unet.Cache(mean=torch.randn(N, 4, 2, 2, generator=g).half(), std=torch.zeros(N, 4, 2, 2).half(),
+                             keys={}, tokens=torch.randn(U, 3, 2, generator=g).half(),
+                             token_lengths=torch.randint(1, 4, (U,), generator=g),
+                             caption_row=torch.randint(1, U, (N,), generator=g), empty_row=0)
+
+    def batches(rank, world, cfg_drop=0.5):
+        return train_unet.Batches(cache, 6, train_unet.Dist(rank, world), seed, cfg_drop, 1000, torch.device("cpu"))
+
+    one, halves = batches(0, 1), [batches(0, 2), batches(1, 2)]
+    for step in (0, 1, 7):
+        whole = one(step)
+        parts = [h(step) for h in halves]
+        for k in range(3):  # x0, t, noise
+            assert torch.equal(torch.cat([p[k] for p in parts]), whole[k])
+        for key in ("context", "context_lengths"):
+            assert torch.equal(torch.cat([p[3][key] for p in parts]), whole[3][key])
+    # with no posterior noise, an epoch of x0 rows is the cache in a shuffled order
+    epoch = torch.cat([batches(0, 1)(s)[0] for s in range(5)])[:N]  # steps 0..4 cover positions 0..29
+    order = [next(i for i in range(N) if torch.equal(row, cache.mean[i].float())) for row in epoch]
+    assert sorted(order) == list(range(N))
+    x0, t, noise, cond = batches(0, 1, cfg_drop=0.0)(3)
+    assert 0 <= t.min() and t.max() < 1000 and noise.shape == x0.shape
+    assert (cond["context_lengths"] > 0).all() and not any(
+        torch.equal(c, cache.tokens[0].float()) for c in cond["context"])  # no caption dropped
+    assert all(torch.equal(c, cache.tokens[0].float()) for c in batches(0, 1, cfg_drop=1 - 1e-9)(3)[3]["context"])
+
+
 def test_ema_decay_warms_up_to_its_ceiling():
     assert train_unet.ema_decay(0, 0.999) == pytest.approx(1 / train_unet.EMA_WARMUP)
     assert train_unet.ema_decay(10**6, 0.999) == 0.999
