@@ -40,6 +40,7 @@ from ldm.unet import UNet, UNetConfig
 UNET_NAME = "unet"
 CREATED_BY = "ldm.train_unet"  # what unet.json says when train_unet wrote it
 DEFAULT_SAMPLER, DEFAULT_STEPS, DEFAULT_CFG = "dpmpp_2m", 20, 3.0
+SD_CFG = 7.5  # the guidance scale Stable Diffusion 1.x is usually sampled with
 # How each sampler spaces its sigmas unless told: DDPM and DDIM on evenly spaced timesteps (1000
 # DDPM steps are then exactly Ho et al.'s chain), the ODE solvers on Karras et al.'s ramp.
 DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "karras", "euler": "karras"}
@@ -209,7 +210,8 @@ def load_diffusers(path: str | Path, text_encoder: str | Path | None, device: to
     return Pipeline(unet=p.unet, vae=p.vae, schedule=p.schedule, prediction=p.prediction,
                     latent_shape=(p.unet.config.in_channels, p.resolution // f, p.resolution // f),
                     latent_scale=float(p.latent_scale_factor), encoder=encoder,
-                    autocast_dtype=dtype if device.type == "cuda" else None, meta={"source": str(path)})
+                    autocast_dtype=dtype if device.type == "cuda" else None,
+                    meta={"source": str(path), "cfg_scale": SD_CFG})
 
 
 # --------------------------------------------------------------------------------------- sampling

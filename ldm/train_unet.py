@@ -25,7 +25,7 @@ Many processes: under ``torchrun`` each rank trains on its shard of every global
 DistributedDataParallel (NCCL on GPUs, gloo on CPUs). The noise, timesteps and caption drops of
 step ``s`` are drawn for the whole global batch from seed (``--seed``, ``s``) and each rank takes
 its shard's rows, so the ranks' noise differs and the run does not depend on how many processes
-share it. Rank 0 builds the cache, logs, validates and saves.
+share it (up to the order of floating-point sums). Rank 0 builds the cache, logs, validates and saves.
 """
 
 from __future__ import annotations
