@@ -142,3 +142,26 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
+
+
+def save_gif(frames: list, path: str | Path, duration_ms: int = 400, labels: list[str] | None = None) -> None:
+    """An animated GIF of ``frames`` (PIL images or image files), looping, each shown ``duration_ms``;
+    ``labels`` (one a frame, e.g. "step 200") are drawn in the top-left corner on a white strip."""
+    if not frames:
+        raise ValueError("save_gif: no frames")
+    if labels is not None and len(labels) != len(frames):
+        raise ValueError(f"save_gif: {len(labels)} labels for {len(frames)} frames")
+    images = []
+    for i, frame in enumerate(frames):
+        img = (Image.open(frame) if isinstance(frame, (str, Path)) else frame).convert("RGB")
+        if labels is not None:
+            strip = Image.new("RGB", (img.width, 14), "white")
+            ImageDraw.Draw(strip).text((2, 1), labels[i], fill="black")
+            labelled = Image.new("RGB", (img.width, img.height + strip.height), "white")
+            labelled.paste(strip, (0, 0))
+            labelled.paste(img, (0, strip.height))
+            img = labelled
+        images.append(img)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=duration_ms, loop=0)

@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-ENTRY_POINTS = ["ldm.train_vae", "ldm.eval_vae", "ldm.train_unet", "ldm.sample", "ldm.convert"]
+ENTRY_POINTS = ["ldm.train_vae", "ldm.eval_vae", "ldm.train_unet", "ldm.sample", "ldm.eval_text", "ldm.convert"]
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
