@@ -627,18 +627,26 @@ def test_help_lists_both_commands(capsys):
     assert exit_.value.code == 0 and "--sample-size" in capsys.readouterr().out
 
 
-# Remove the mark when ldm.sample's --from-diffusers lands (strict: an unexpected pass fails, as a reminder).
-@pytest.mark.xfail(strict=True, reason="ldm.sample --from-diffusers is written on another branch")
 def test_sample_from_diffusers(tmp_path, seed):
-    """End to end once ldm.sample lands: ``python -m ldm.sample --from-diffusers PATH`` on a tiny SD folder
-    writes the image (the folder's resolution: 32 x 32)."""
+    """``python -m ldm.sample --from-diffusers PATH`` on a tiny SD folder writes the folder's resolution
+    (32 x 32) and a grid, the same image for the same seed, and another for another prompt."""
+    import numpy as np
     from PIL import Image
 
     from ldm import sample
 
     src = make_tiny_sd_folder(tmp_path / "sd", seed)
-    out = tmp_path / "sample.png"
-    assert sample.main(["--from-diffusers", str(src), "--prompt", "a red cube", "--steps", "2", "--n", "1",
-                        "--seed", "0", "--out", str(out)]) == 0
-    with Image.open(out) as image:  # 32 x 32 pixels, or a multiple if the image is enlarged for viewing
-        assert image.size[0] % 32 == 0 and image.size[1] % 32 == 0
+
+    def draw(prompt, name):
+        folder = tmp_path / name
+        assert sample.main(["--from-diffusers", str(src), "--prompt", prompt, "--steps", "3", "--n", "1",
+                            "--seed", "0", "--out", str(tmp_path / f"{name}.png"), "--images", str(folder)]) == 0
+        assert (tmp_path / f"{name}.png").is_file()
+        [path] = sorted(folder.glob("*.png"))
+        with Image.open(path) as image:
+            assert image.size == (32, 32)
+            return np.asarray(image.convert("RGB"), dtype=np.int16)
+
+    first, again, other = draw("a red cube", "a.png"), draw("a red cube", "b.png"), draw("a blue sphere", "c.png")
+    assert np.array_equal(first, again)
+    assert np.abs(first - other).max() > 0
