@@ -1,6 +1,7 @@
 """The losses that train the autoencoder, as in latent diffusion's first stage.
 
-- L1 reconstruction (or squared error, ``rec_loss="l2"``), plus LPIPS (Zhang et al. 2018) when VGG16 weights are on disk;
+- L1 reconstruction (or squared error, ``rec_loss="l2"``), plus LPIPS (Zhang et al. 2018) when VGG16
+  weights are on disk;
 - KL of the posterior to N(0, I) with a small weight (the "KL-reg" of Rombach et al. 2022);
 - a PatchGAN discriminator (Isola et al. 2017) with the hinge loss, switched on at a given step,
   its weight set adaptively from the gradient norms at the decoder's last layer (Esser et al.

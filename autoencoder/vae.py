@@ -60,10 +60,12 @@ class VAEConfig:
 
 
 VAE_CONFIGS = {
-    # CPU demo: 32 x 32 images -> 8 x 8 x 4 latents, 0.68M parameters, ~135 images/s of training on 2 cores.
+    # CPU demo: 32 x 32 images -> 8 x 8 x 8 latents, 0.69M parameters, ~135 images/s of training on 2 cores.
     # A low initial posterior variance matters on a short budget: at log-variance 0 the sampling noise
-    # (std 1) drowns the early latents, and 1500 steps reached 25.1 dB PSNR; at -8, 32.5 dB.
-    "tiny": VAEConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, latent_channels=4, norm_groups=8,
+    # (std 1) drowns the early latents, and 1500 steps reached 25.1 dB PSNR; at -8, 32.5 dB. Eight latent
+    # channels rather than four keep the shapes: after 1500 steps the dataset's attribute reader names
+    # the shape of 82% of reconstructions against 61% with four (16 channels: 74%, slower to train).
+    "tiny": VAEConfig(channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, latent_channels=8, norm_groups=8,
                       init_logvar=-8.0),
     # a bigger f4 for 64 x 64 or more on a GPU
     "small": VAEConfig(channels=64, channel_mult=(1, 2, 4), num_res_blocks=2, latent_channels=4, norm_groups=32),

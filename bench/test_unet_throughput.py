@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ldm.diffusion import Denoiser, NoiseSchedule, diffusion_loss
 from ldm.samplers import CFGDenoiser, get_sigmas, sample_dpmpp_2m
-from ldm.unet import TIME_EMBED_MULT, UNET_CONFIGS, UNet, UNetConfig, count_parameters
+from ldm.unet import TIME_EMBED_MULT, UNet, UNetConfig, count_parameters, unet_config
 
 pytestmark = pytest.mark.quick  # every case runs in quick mode too, at its quick sizes
 
@@ -98,11 +98,17 @@ class DiffusersContract(nn.Module):
         return self.unet(x, t, encoder_hidden_states=context, encoder_attention_mask=mask, return_dict=False)[0]
 
 
+def bench_config() -> UNetConfig:
+    """The preset, less what diffusers' UNet2DConditionModel cannot express and only adds a few
+    (B, C) x (C, 4C) products: the pooled prompt of the CPU demo, so both networks match layer for layer."""
+    return unet_config(PRESET, pooled_context=False)
+
+
 @pytest.fixture(scope="module")
 def unets():
     """{"ours": UNet, "diffusers": model or the reason it cannot be built}, initialized on the device."""
     dev = torch.device("cuda" if ON_GPU else "cpu")
-    cfg = UNET_CONFIGS[PRESET]
+    cfg = bench_config()
     torch.manual_seed(0)
     with dev:  # initialize 860M parameters where they live, not on the CPU
         out = {"ours": UNet(cfg).to(dev)}  # .to: a no-op unless some buffer came from numpy
@@ -157,7 +163,7 @@ def _provider_calls(bench, unets, mode: str, batch: int) -> dict:
     """One unit of work per provider that can run here. Ours with kernels on and off share the
     model and its optimizer (the same parameters): the off call is the on call inside
     ``kernels.use_backend("torch")``."""
-    cfg, make = UNET_CONFIGS[PRESET], _train_step if mode == "train step" else _sample
+    cfg, make = bench_config(), _train_step if mode == "train step" else _sample
     ours = make(bench, unets["ours"], cfg, batch)
     calls = {"ours": ours, "ours-torch": bench.as_provider("ours-torch", ours)}
     if not isinstance(unets["diffusers"], str):

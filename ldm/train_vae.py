@@ -212,7 +212,8 @@ def train(args: argparse.Namespace, argv: list[str]) -> int:
     torch.manual_seed(args.seed)
     config = VAE_CONFIGS[args.preset]
     vae = VAE(config).to(device, memory_format=torch.channels_last)
-    loss_cfg = LossConfig(rec_loss=args.rec_loss, kl_weight=args.kl_weight, disc_start=args.disc_start if args.disc_weight > 0 else 2**62,
+    loss_cfg = LossConfig(rec_loss=args.rec_loss, kl_weight=args.kl_weight,
+                          disc_start=args.disc_start if args.disc_weight > 0 else 2**62,
                           disc_weight=args.disc_weight, lpips_weights=args.lpips_weights)
     try:
         loss_fn = VAELoss(loss_cfg).to(device, memory_format=torch.channels_last)
