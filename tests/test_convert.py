@@ -412,14 +412,15 @@ def test_weights_trained_here_open_in_diffusers(tmp_path, seed):
     """What the training scripts export (save_model: our schedule name, v prediction, no sample size in
     unet.json, the VAE in another folder) -> to-diffusers -> diffusers computes what ours computes."""
     g = torch.Generator().manual_seed(seed)
-    config = UNetConfig(model_channels=16, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
-                        num_heads=2, context_dim=12, norm_groups=4)
+    vae_config = VAE_CONFIGS["tiny"]
+    latents = vae_config.latent_channels
+    config = UNetConfig(in_channels=latents, out_channels=latents, model_channels=16, channel_mult=(1, 2),
+                        num_res_blocks=1, attention_levels=(1,), num_heads=2, context_dim=12, norm_groups=4)
     unet = redraw_(UNet(config), g)
     save_model(tmp_path / "run", "unet", unet, config, prediction="v", schedule="cosine", text_encoder=None)
-    vae_config = VAE_CONFIGS["tiny"]
     vae = redraw_(VAE(vae_config), g)
     save_model(tmp_path / "vae_run", "vae", vae, vae_config, latent_scale_factor=0.7, latent_mean=0.0,
-               resolution=32, downsample_factor=4, latent_shape=[4, 8, 8])
+               resolution=32, downsample_factor=4, latent_shape=[latents, 8, 8])
     out = tmp_path / "exported"
     assert convert.main(["to-diffusers", str(tmp_path / "run"), "--vae", str(tmp_path / "vae_run"),
                          "--out", str(out)]) == 0
@@ -427,12 +428,13 @@ def test_weights_trained_here_open_in_diffusers(tmp_path, seed):
     theirs = diffusers.UNet2DConditionModel.from_pretrained(out / "unet").to(F64).eval()
     assert theirs.config.sample_size == 8
     theirs.time_proj = Float64Timesteps(16)
-    ref, mine = unet_outputs(theirs, unet.to(F64).eval(), *unet_inputs({"cross_attention_dim": 12}, g))
+    ref, mine = unet_outputs(theirs, unet.to(F64).eval(),
+                             *unet_inputs({"cross_attention_dim": 12, "in_channels": latents}, g))
     assert rel_err(mine, ref) < TOL
     their_vae = diffusers.AutoencoderKL.from_pretrained(out / "vae").to(F64).eval()
     assert their_vae.config.scaling_factor == 0.7 and their_vae.config.sample_size == 32
     x = torch.rand(1, 3, 32, 32, generator=g, dtype=F64) * 2 - 1
-    z = torch.randn(1, 4, 8, 8, generator=g, dtype=F64)
+    z = torch.randn(1, latents, 8, 8, generator=g, dtype=F64)
     refs, outs = vae_outputs(their_vae, vae.to(F64).eval(), x, z)
     assert all(rel_err(o, r) < TOL for o, r in zip(outs, refs))
     scheduler = diffusers.DDIMScheduler.from_pretrained(out / "scheduler")
