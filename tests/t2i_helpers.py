@@ -58,7 +58,8 @@ def train_flags(vae: Path, steps: int, seed: int, *, batch: int = 8, cache_image
     """A seconds-long train_unet run on ``vae``: tiny UNet, few cached images, no grids until the end."""
     return ["--vae", str(vae), "--steps", str(steps), "--batch-size", str(batch), "--cache-images", str(cache_images),
             "--seed", str(seed), "--warmup", "2", "--threads", "1", "--quiet", "--log-every", "1", "--val-every", "0",
-            "--val-steps", "2", "--lr-schedule", "constant", "--schedule", "cosine", "--min-snr-gamma", "5"] + UNET_FLAGS
+            "--val-steps", "2", "--lr-schedule", "constant",
+            "--schedule", "cosine", "--min-snr-gamma", "5"] + UNET_FLAGS
 
 
 _BUILT: dict = {}  # per test process: what the shared fixtures already built
