@@ -260,3 +260,34 @@ class CheckpointDir:
         parts = {name: load_state(folder / f"{name}.safetensors", f"checkpoint part {name}")
                  for name in info["parts"]}
         return int(info["step"]), parts
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """Destinations of the flags typed on the command line (to tell them from defaults)."""
+    names = {a.split("=")[0] for a in argv if a.startswith("--")}
+    return {n[2:].replace("-", "_") for n in names}
+
+
+def resume_run(args, argv: list[str], ckpt: CheckpointDir, run_flags: tuple[str, ...],
+               kept_flags: tuple[str, ...] = ()) -> tuple[int, dict[str, Any] | None]:
+    """What a training script does with ``--resume``: (0, None) without it; with it, the latest
+    checkpoint of ``ckpt`` as (step, parts), and ``args`` set from the run's saved flags
+    (``parts["run"]["args"]``). ``run_flags`` define the run: typing one with another value than the
+    checkpoint's is an error (ValueError, naming the flag and both values). ``kept_flags`` come from the
+    checkpoint unless typed again. A flag the checkpoint predates keeps its current value."""
+    if not args.resume:
+        return 0, None
+    if ckpt.latest() is None:
+        raise ValueError(f"--resume: no checkpoint in {ckpt.root} (start without --resume, or pick the right --out)")
+    step, parts = ckpt.load()
+    saved = parts["run"]["args"]
+    given = given_flags(argv)
+    for key in run_flags:
+        if key in given and key in saved and getattr(args, key) != saved[key]:
+            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
+                             f"{saved[key]!r}; drop the flag to resume, or start a new run in another --out")
+        setattr(args, key, saved.get(key, getattr(args, key)))
+    for key in kept_flags:
+        if key not in given:
+            setattr(args, key, saved.get(key, getattr(args, key)))
+    return step, parts

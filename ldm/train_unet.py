@@ -49,14 +49,14 @@ import torch.distributed as dist
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from ldm.checkpoint import CheckpointDir, load_tensors, rng_state, save_model, save_tensors, set_rng_state
+from ldm.checkpoint import (CheckpointDir, load_tensors, resume_run, rng_state, save_model, save_tensors,
+                            set_rng_state)
 from ldm.data import caption, eval_prompts, open_dataset
 from ldm.diffusion import SCHEDULES, NoiseSchedule, diffusion_loss
 from ldm.pretrained import load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.sample import CREATED_BY, Pipeline, file_digest, generate
 from ldm.text import pad_context
-from ldm.train_vae import given_flags
 from ldm.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters, unet_config
 
 
@@ -479,26 +479,6 @@ def parse_overrides(items: list[str]) -> dict:
     return out
 
 
-def resolve_run(args, argv: list[str], ckpt: CheckpointDir) -> tuple[int, dict | None]:
-    """On --resume load the checkpoint and take the run's flags from it."""
-    if not args.resume:
-        return 0, None
-    if ckpt.latest() is None:
-        raise RunError(f"--resume: no checkpoint in {ckpt.root} (start without --resume, or pick the right --out)")
-    step, parts = ckpt.load()
-    saved = parts["run"]["args"]
-    given = given_flags(argv)
-    for key in RUN_FLAGS:
-        if key in given and getattr(args, key) != saved[key]:
-            raise RunError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
-                           f"{saved[key]!r}; drop the flag to resume, or start a new run in another --out")
-        setattr(args, key, saved[key])
-    for key in KEPT_FLAGS:
-        if key not in given:
-            setattr(args, key, saved[key])
-    return step, parts
-
-
 def check_args(args, d: Dist) -> None:
     for flag in ("batch_size", "ckpt_every", "log_every", "val_steps", "cache_images"):
         if getattr(args, flag) <= 0:
@@ -574,7 +554,10 @@ def save_validation(pipe: Pipeline, prompts: list[str] | None, encoded, n: int, 
 def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     out = Path(args.out)
     ckpt = CheckpointDir(out / "checkpoints")
-    start_step, parts = resolve_run(args, argv, ckpt)
+    try:
+        start_step, parts = resume_run(args, argv, ckpt, RUN_FLAGS, KEPT_FLAGS)
+    except ValueError as e:
+        raise RunError(str(e)) from None
     check_args(args, d)
     overrides = parse_overrides(args.unet_override)
     try:  # the widths come later, from the VAE and the cache; the layout can be checked now

@@ -26,7 +26,7 @@ import torch
 
 from autoencoder import VAE, VAE_CONFIGS, LossConfig, VAELoss, num_parameters
 from autoencoder.losses import REC_LOSSES
-from ldm.checkpoint import CheckpointDir, rng_state, save_model, set_rng_state
+from ldm.checkpoint import CheckpointDir, resume_run, rng_state, save_model, set_rng_state
 from ldm.data import ShuffledStream, open_dataset
 from ldm.eval_vae import evaluate, psnr
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves
@@ -104,31 +104,6 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def given_flags(argv: list[str]) -> set[str]:
-    """Destinations of the flags typed on the command line (to tell them from defaults)."""
-    names = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {n[2:].replace("-", "_") for n in names}
-
-
-def resolve_run(args: argparse.Namespace, argv: list[str], ckpt: CheckpointDir) -> tuple[int, dict | None]:
-    """Fill defaults; on --resume load the checkpoint and take the run's flags from it."""
-    if not args.resume:
-        return 0, None
-    if ckpt.latest() is None:
-        raise RunError(f"--resume: no checkpoint in {ckpt.root} (start without --resume, or pick the right --out)")
-    step, parts = ckpt.load()
-    saved = parts["run"]["args"]
-    given = given_flags(argv)
-    for key in RUN_FLAGS:
-        if key in given and getattr(args, key) != saved[key]:
-            raise RunError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
-                           f"{saved[key]!r}; drop the flag to resume, or start a new run in another --out")
-        setattr(args, key, saved.get(key, getattr(args, key)))
-    if "steps" not in given:
-        args.steps = saved["steps"]
-    return step, parts
-
-
 def check_args(args: argparse.Namespace) -> None:
     if args.warmup < 0:
         raise RunError(f"--warmup must be >= 0, got {args.warmup}")
@@ -183,7 +158,10 @@ def save_grid(vae: VAE, images: torch.Tensor, path: Path) -> None:
 def train(args: argparse.Namespace, argv: list[str]) -> int:
     out = Path(args.out)
     ckpt = CheckpointDir(out / "checkpoints")
-    start_step, parts = resolve_run(args, argv, ckpt)
+    try:
+        start_step, parts = resume_run(args, argv, ckpt, RUN_FLAGS, kept_flags=("steps",))
+    except ValueError as e:
+        raise RunError(str(e)) from None
     check_args(args)
     if args.steps is None:
         args.steps = 1500 if args.data is None else 10_000
