@@ -30,36 +30,37 @@ SMALL = ["--resolution", "16", "--batch-size", "8", "--threads", "1", "--quiet",
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """One short run shared by the tests that read its outputs (32 x 32: at 16 x 16 the first
-    hundred steps are all plateau)."""
+    hundred steps are all plateau). 200 steps: over 16 seeds the last-ten / first-ten L1 ratio
+    spread 0.33-0.70 after 100 steps but 0.15-0.54 after 200."""
     out = tmp_path_factory.mktemp("vae")
     seed = SESSION_SEED % 1000
     print(f"training seed {seed}")
-    rc = train_vae.main(["--out", str(out), "--steps", "100", "--disc-start", "90", "--sample-every", "50",
-                         "--ckpt-every", "50", "--lr", "2e-3", "--seed", str(seed)] + SMALL + ["--resolution", "32"])
+    rc = train_vae.main(["--out", str(out), "--steps", "200", "--disc-start", "190", "--sample-every", "100",
+                         "--ckpt-every", "100", "--lr", "2e-3", "--seed", str(seed)] + SMALL + ["--resolution", "32"])
     assert rc == 0
     return out
 
 
 def test_short_training_lowers_the_loss_and_writes_every_output(trained):
     rows = [json.loads(line) for line in open(trained / "metrics.jsonl")]
-    assert [r["step"] for r in rows] == list(range(1, 101))
+    assert [r["step"] for r in rows] == list(range(1, 201))
     first, last = np.mean([r["l1"] for r in rows[:10]]), np.mean([r["l1"] for r in rows[-10:]])
     assert last < 0.6 * first, (first, last)
-    assert all("d_loss" in r for r in rows if r["step"] > 90) and not any("d_loss" in r for r in rows[:89])
+    assert all("d_loss" in r for r in rows if r["step"] > 190) and not any("d_loss" in r for r in rows[:189])
     assert all(k in rows[-1] for k in ("loss", "kl", "psnr", "images_per_s", "lr"))
     meta = json.loads((trained / "vae.json").read_text())
     assert meta["resolution"] == 32 and meta["downsample_factor"] == 4
     assert meta["latent_shape"] == [VAE_CONFIGS["tiny"].latent_channels, 8, 8]
-    assert meta["dataset"]["name"] == "shapes" and meta["steps"] == 100
+    assert meta["dataset"]["name"] == "shapes" and meta["steps"] == 200
     assert meta["latent_scale_factor"] > 0 and np.isfinite(meta["eval"]["psnr"])
     assert set(load_file(trained / "vae.safetensors")) == set(load_vae(trained)[0].state_dict())
     grids = sorted(p.name for p in (trained / "recon").glob("*.png"))
-    assert grids == ["step_0000050.png", "step_0000100.png"]
+    assert grids == ["step_0000100.png", "step_0000200.png"]
     assert Image.open(trained / "recon" / grids[-1]).size[0] > 8 * 32
     assert Image.open(trained / "loss.png").format == "PNG"
     ckpt = trained / "checkpoints"
-    assert (ckpt / "latest").read_text().strip() == "step_0000100"
-    assert {p.name for p in (ckpt / "step_0000100").iterdir()} == {
+    assert (ckpt / "latest").read_text().strip() == "step_0000200"
+    assert {p.name for p in (ckpt / "step_0000200").iterdir()} == {
         "checkpoint.json", "vae.safetensors", "discriminator.safetensors", "opt_vae.safetensors",
         "opt_disc.safetensors", "rng.safetensors", "run.safetensors"}
 
