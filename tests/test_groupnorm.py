@@ -48,11 +48,16 @@ def make_inputs(B, C, spatial, dtype, layout="nchw", affine=True, shift=True, pa
     return x, w, b, s
 
 
+def shifted(x, s):
+    """x + shift, the shift (B, C) broadcast over the spatial axes; x itself without one."""
+    return x if s is None else x + s.view(*s.shape, *([1] * (x.dim() - 2)))
+
+
 def reference(x, G, w, b, s, eps, silu, dy):
     """float64 forward, mean, rstd and gradients of (x, weight, bias, shift)."""
     leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, s)]
     xd, wd, bd, sd = leaves
-    h = xd if sd is None else xd + sd.view(*sd.shape, *([1] * (x.dim() - 2)))
+    h = shifted(xd, sd)
     y = F.group_norm(h, G, wd, bd, eps)
     y = F.silu(y) if silu else y
     y.backward(dy.double())
@@ -77,7 +82,7 @@ def conditioned_tol(x, s, mean, rstd, dtype):
     magnifies by rstd: a group whose largest |x + shift| is k standard deviations gets an error of
     about u * k per rounding on the path (a few: the sums, the centring, the scale), whatever the
     output dtype. Seen: a 2-element fp32 group with k = 77 came out 2.3e-5 off (TOL allows 1e-5)."""
-    h = x.double() if s is None else x.double() + s.double().view(*s.shape, *([1] * (x.dim() - 2)))
+    h = shifted(x.double(), None if s is None else s.double())
     k = (h.reshape(x.shape[0], mean.shape[1], -1).abs().amax(-1) * rstd).max().item()
     fp32_path_error = ROUNDINGS_ON_PATH * (torch.finfo(torch.float32).eps / 2) * k
     rtol, atol = TOL[dtype]
