@@ -63,7 +63,10 @@ from ldm.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters, unet_conf
 # ------------------------------------------------------------------------------------ the demo recipe
 @dataclass(frozen=True)
 class Recipe:
-    """Every default of the demo (``python -m ldm.train_unet --text`` on 2 CPU cores, ~5 minutes)."""
+    """Every default of the demo (``python -m ldm.train_unet --text`` on 2 CPU cores, ~5 minutes).
+
+    The figures in the comments were measured when the built-in small shapes were 7 px; on today's
+    9 / 13-px shapes this recipe reaches 82.5% shape+colour+position (README, "What make demo does")."""
 
     preset: str = "tiny"  # UNET_CONFIGS entry
     steps: int = 1500  # ~4 minutes at batch 64 on 2 cores; colour and size still improve beyond
