@@ -63,14 +63,14 @@ from ldm.unet import UNET_CONFIGS, UNet, UNetConfig, count_parameters, unet_conf
 # ------------------------------------------------------------------------------------ the demo recipe
 @dataclass(frozen=True)
 class Recipe:
-    """Every default of the demo (``python -m ldm.train_unet --text`` on 2 CPU cores, ~5 minutes).
+    """Every default of the demo (``python -m ldm.train_unet --text`` on 2 CPU cores, 5-7 minutes).
 
     Figures in the comments are on the built-in shapes; those without a note were measured when the
     small shapes were 7 px. On today's 9 / 13-px shapes this recipe reaches 82.5-84% shape+colour+position
     (README, "What make demo does"); the target is 90%."""
 
     preset: str = "tiny"  # UNET_CONFIGS entry
-    steps: int = 1500  # ~4 minutes at batch 64 on 2 cores; colour and size still improve beyond
+    steps: int = 1500  # 296-438 s at batch 64 on 2 cores, by the day; shape still improves beyond
     batch_size: int = 64  # global: split over the ranks. Batch 32 for 2000 steps (same time): 68.2%, not 82.8%
     # On the 9 / 13-px shapes, shape+colour+position of 400 held-out prompts after 1500 steps, seeds 0 and 1:
     # lr 2e-3: 82.8 / 75.8%, 3e-3: 84.2 / 82.5%, 4e-3 (seed 0): 77.2%.

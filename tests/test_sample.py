@@ -132,8 +132,8 @@ def test_image_to_image_keeps_the_image_at_low_strength_and_ignores_it_at_full(c
     # The test VAE is barely trained, so two scenes can decode almost alike (0.004 apart for one seed):
     # b is the scene whose reconstruction lies farthest from a's, the scale "close to a" is measured on.
     apart = (recons[1:] - recons[:1]).abs().flatten(1).mean(1)  # (CANDIDATES - 1,)
-    j = 1 + int(apart.argmax())
-    a, b, recon_a, between = images[0], images[j], recons[:1], apart.max()
+    between, j = apart.max(0)
+    a, b, recon_a = images[0], images[1 + int(j)], recons[:1]
 
     def img2img(init, strength, s=seed):
         return generate(pipe, PROMPTS[:1], steps=20, seed=s, init_image=init, strength=strength)
