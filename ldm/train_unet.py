@@ -728,6 +728,7 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     if len(set(digests)) > 1:
         raise RunError(f"the {d.world} processes ended with different weights: {digests}")
     if not d.main:
+        d.barrier()  # the ranks tear their process group down together, after rank 0 has written everything
         return 0
     frames = sorted((out / "val").glob("step_*.png"))
     if frames:
@@ -760,6 +761,7 @@ def train(args, argv: list[str], d: Dist, device: torch.device) -> int:
     if d.world > 1:
         summary += f"; {d.world} processes hold identical weights"
     print(summary, file=sys.stderr)
+    d.barrier()  # the other ranks wait here since the digest check
     return 0
 
 
