@@ -184,9 +184,25 @@ class Denoiser(nn.Module):
 
 
 # ---------------------------------------------------------------------------------- training loss
-def sample_timesteps(batch: int, num_timesteps: int, device=None, generator: torch.Generator | None = None):
-    """Uniform integer timesteps in [0, T). -> (B,) int64."""
-    return torch.randint(0, num_timesteps, (batch,), device=device, generator=generator)
+def sample_timesteps(batch: int, num_timesteps: int, device=None, generator: torch.Generator | None = None, *,
+                     focus: float = 0.0, focus_mean: float = 0.0, focus_std: float = 1.0) -> torch.Tensor:
+    """Integer timesteps in [0, T). -> (B,) int64.
+
+    ``focus`` 0: uniform. ``focus`` in (0, 1]: each timestep comes with probability ``focus`` from a
+    logit-normal over t / T (logit(t / T) ~ N(focus_mean, focus_std^2), the timestep density of
+    Esser et al. 2024, "Scaling Rectified Flow Transformers"), otherwise uniform. It trains more where
+    the samples' content is decided; the uniform share keeps every noise level trained."""
+    if not 0.0 <= focus <= 1.0:
+        raise ValueError(f"sample_timesteps: focus must lie in [0, 1], got {focus}")
+    if focus_std <= 0:
+        raise ValueError(f"sample_timesteps: focus_std must be positive, got {focus_std}")
+    if focus == 0.0:
+        return torch.randint(0, num_timesteps, (batch,), device=device, generator=generator)
+    pick = torch.rand(batch, device=device, generator=generator)  # (B,) < focus: logit-normal
+    z = torch.randn(batch, device=device, generator=generator)  # (B,)
+    uniform = torch.rand(batch, device=device, generator=generator)  # (B,)
+    frac = torch.where(pick < focus, torch.sigmoid(focus_mean + focus_std * z), uniform)  # (B,) t / T in (0, 1)
+    return (frac * num_timesteps).long().clamp(0, num_timesteps - 1)
 
 
 def loss_weights(prediction: str, snr: torch.Tensor, min_snr_gamma: float | None = None) -> torch.Tensor:

@@ -231,6 +231,36 @@ def test_timesteps_are_uniform(seed):
     assert chi2 < 999 + 6 * 44.7
 
 
+def _timestep_chi2(t: torch.Tensor, focus: float, mean: float, std: float, bins: int = 40) -> float:
+    """Chi-square of timesteps against the exact bin probabilities (float64) of t = floor(T f),
+    f ~ focus * logit-normal(mean, std) + (1 - focus) * uniform, over ``bins`` equal bins of t."""
+    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)  # (bins + 1,) in t / T
+    normal = torch.distributions.Normal(torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64))
+    cdf = torch.cat([torch.zeros(1, dtype=torch.float64), normal.cdf(torch.logit(edges[1:-1])),
+                     torch.ones(1, dtype=torch.float64)])  # (bins + 1,)
+    p = focus * cdf.diff() + (1 - focus) / bins  # (bins,)
+    counts = torch.bincount(t // (T // bins), minlength=bins).double()
+    return ((counts - t.numel() * p) ** 2 / (t.numel() * p)).sum().item()
+
+
+@pytest.mark.parametrize("focus,mean,std", [(1.0, -0.85, 1.0), (0.7, -0.85, 1.0), (0.3, 0.5, 0.6)])
+def test_focused_timesteps_follow_the_logit_normal_mixture(focus, mean, std, seed):
+    t = sample_timesteps(200_000, T, focus=focus, focus_mean=mean, focus_std=std)
+    assert t.dtype == torch.int64 and t.min() >= 0 and t.max() <= T - 1
+    bound = 39 + 6 * math.sqrt(2 * 39)  # chi-square with 39 dof: 6 sd above its mean
+    assert _timestep_chi2(t, focus, mean, std) < bound
+    # the check can tell: the same draws fail against a centre moved by 0.2 or a uniform law
+    assert _timestep_chi2(t, focus, mean + 0.2, std) > bound
+    assert _timestep_chi2(t, 0.0, mean, std) > bound
+
+
+def test_timestep_focus_bad_inputs():
+    with pytest.raises(ValueError, match="focus must lie"):
+        sample_timesteps(4, T, focus=1.5)
+    with pytest.raises(ValueError, match="focus_std"):
+        sample_timesteps(4, T, focus=0.5, focus_std=0.0)
+
+
 def test_loss_bad_inputs():
     sched = NoiseSchedule.from_name("linear")
     x0 = torch.randn(2, 4, 8, 8)

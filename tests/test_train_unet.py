@@ -23,6 +23,7 @@ from t2i_helpers import RESOLUTION, make_vae, shared_assets, train_flags
 import ldm.train_unet as train_unet
 from ldm.checkpoint import CheckpointDir
 from ldm.data import ShapesDataset, ShuffledStream, eval_prompts
+from ldm.diffusion import sample_timesteps
 from ldm.pretrained import load_vae
 from ldm.sample import generate, load_pipeline
 from ldm.text import TextEncoder
@@ -290,11 +291,13 @@ def test_training_on_an_image_folder(assets, tmp_path, seed):
     (["--resume"], "--resume: no checkpoint in {tmp}/out/checkpoints"),
     (["--cfg-drop", "1"], "--cfg-drop must lie in [0, 1), got 1.0"),
     (["--ema-decay", "1.5"], "--ema-decay must lie in [0, 1), got 1.5"),
+    (["--t-focus", "1.2"], "--t-focus must lie in [0, 1], got 1.2"),
+    (["--t-focus-std", "0"], "--t-focus-std must be positive, got 0.0"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--eval", "10"], "--eval scores prompts; it needs --text"),
 ], ids=["missing-vae", "missing-data", "encoder-without-text", "encoder-not-a-model", "unknown-override",
-        "fixed-override", "bad-config", "resume-without-checkpoint", "cfg-drop", "ema-decay", "zero-batch",
-        "eval-unconditional"])
+        "fixed-override", "bad-config", "resume-without-checkpoint", "cfg-drop", "ema-decay", "t-focus", "t-focus-std",
+        "zero-batch", "eval-unconditional"])
 def test_bad_input_is_one_clear_line(assets, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
     base = train_flags(assets["vae"], 1, 0) + ["--cache-dir", str(assets["cache"])]
@@ -334,8 +337,9 @@ def test_shards_of_two_ranks_make_up_the_global_batch(seed):
                              token_lengths=torch.randint(1, 4, (U,), generator=g),
                              caption_row=torch.randint(1, U, (N,), generator=g), empty_row=0)
 
-    def batches(rank, world, cfg_drop=0.5):
-        return train_unet.Batches(cache, 6, train_unet.Dist(rank, world), seed, cfg_drop, 1000, torch.device("cpu"))
+    def batches(rank, world, cfg_drop=0.5, t_focus=(0.7, -0.85, 1.0)):
+        return train_unet.Batches(cache, 6, train_unet.Dist(rank, world), seed, cfg_drop, 1000, torch.device("cpu"),
+                                  t_focus=t_focus)
 
     one, halves = batches(0, 1), [batches(0, 2), batches(1, 2)]
     for step in (0, 1, 7):
@@ -351,6 +355,11 @@ def test_shards_of_two_ranks_make_up_the_global_batch(seed):
     assert sorted(order) == list(range(N))
     x0, t, noise, cond = batches(0, 1, cfg_drop=0.0)(3)
     assert 0 <= t.min() and t.max() < 1000 and noise.shape == x0.shape
+    # the timesteps are the first draws of the step's generator, from the focused law (tested in test_diffusion)
+    step_gen = torch.Generator().manual_seed((seed * train_unet.STEP_SEED_STRIDE + 3) % 2**64)
+    assert torch.equal(t, sample_timesteps(6, 1000, None, step_gen, focus=0.7, focus_mean=-0.85, focus_std=1.0))
+    step_gen.manual_seed((seed * train_unet.STEP_SEED_STRIDE + 3) % 2**64)
+    assert torch.equal(batches(0, 1, t_focus=(0.0, 0.0, 1.0))(3)[1], torch.randint(0, 1000, (6,), generator=step_gen))
     assert (cond["context_lengths"] > 0).all() and not any(
         torch.equal(c, cache.tokens[0].float()) for c in cond["context"])  # no caption dropped
     assert all(torch.equal(c, cache.tokens[0].float()) for c in batches(0, 1, cfg_drop=1 - 1e-9)(3)[3]["context"])
@@ -366,7 +375,8 @@ def test_ema_decay_warms_up_to_its_ceiling():
 def test_help_explains_every_flag():
     text = train_unet.build_parser().format_help()
     for flag in ("--vae", "--data", "--caption-column", "--cache-images", "--cache-dir", "--text", "--text-encoder",
-                 "--cfg-drop", "--preset", "--prediction", "--schedule", "--min-snr-gamma", "--steps",
+                 "--cfg-drop", "--preset", "--prediction", "--schedule", "--min-snr-gamma", "--t-focus",
+                 "--t-focus-mean", "--t-focus-std", "--steps",
                  "--batch-size", "--lr", "--warmup", "--weight-decay", "--grad-clip", "--ema-decay",
                  "--grad-checkpointing", "--device", "--threads", "--seed", "--val-every", "--ckpt-every",
                  "--log-every", "--val-steps", "--val-cfg", "--quiet", "--out", "--resume", "--eval", "torchrun"):
