@@ -190,12 +190,13 @@ def test_kernels_match_float64(seed, B, Nq, Nk, H, D, dtype, layout, lengths, de
     check_against_reference(q, k, v, random.uniform(0.05, 0.3), key_lengths, deterministic=deterministic)
 
 
-@pytest.mark.parametrize("D,deterministic", [(16, False), (24, True), (40, True), (40, False), (64, True),
-                                             (72, False), (80, True), (80, False), (96, True), (160, True),
-                                             (160, False), (200, False), (256, True)])
+@pytest.mark.parametrize("D,deterministic", [(4, False), (8, True), (16, False), (24, True), (40, True),
+                                             (40, False), (64, True), (72, False), (80, True), (80, False),
+                                             (96, True), (160, True), (160, False), (200, False), (256, True)])
 def test_head_dims(seed, D, deterministic):
     """Head dims with a tail chunk (40, 72, 80, 96, 160) and without (powers of two; 24 and 200 fall
-    back to one padded tile), every table row, both backward paths, lengths off the block edges."""
+    back to one padded tile; 4 and 8, the CPU demo's, run in a 16-wide one), every table row, both
+    backward paths, lengths off the block edges."""
     q, k, v = make_qkv(2, 37, 70, 1, D, torch.float16, "contiguous")
     check_against_reference(q, k, v, 1 / math.sqrt(D), torch.tensor([70, 9]), deterministic=deterministic)
 
