@@ -71,7 +71,7 @@ class Recipe:
     reaches 92-93% shape+colour+position (README, "What make demo does"); the target is 90%."""
 
     preset: str = "tiny"  # UNET_CONFIGS entry
-    steps: int = 1500  # 300-670 s at batch 64 on 2 cores, by the load; 1250 steps: 89.0 / 88.7%, not 93.2 / 93.0%
+    steps: int = 1500  # 347-666 s at batch 64 on 2 cores, by the load; 1250 steps: 89.0 / 88.7%, not 93.2 / 93.0%
     batch_size: int = 64  # global: split over the ranks. Batch 32 for 2000 steps (same time): 68.2%, not 82.8%
     # On the 9 / 13-px shapes, shape+colour+position of 400 held-out prompts after 1500 steps, seeds 0 and 1:
     # lr 2e-3: 82.8 / 75.8%, 3e-3: 84.2 / 82.5%, 4e-3 (seed 0): 77.2%.
