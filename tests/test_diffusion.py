@@ -222,15 +222,6 @@ def test_min_snr_weights_give_every_target_the_same_loss(seed):
     torch.testing.assert_close(loss_weights("x0", snr), torch.ones_like(snr))  # no gamma: plain MSE
 
 
-def test_timesteps_are_uniform(seed):
-    t = sample_timesteps(200_000, T)
-    assert t.dtype == torch.int64 and t.min() == 0 and t.max() == T - 1
-    counts = torch.bincount(t, minlength=T).double()
-    # chi-square with T-1 dof: mean 999, sd 44.7; 6 sd above the mean fails one run in ~1e9
-    chi2 = ((counts - 200.0) ** 2 / 200.0).sum().item()
-    assert chi2 < 999 + 6 * 44.7
-
-
 def _timestep_chi2(t: torch.Tensor, focus: float, mean: float, std: float, bins: int = 40) -> float:
     """Chi-square of timesteps against the exact bin probabilities (float64) of t = floor(T f),
     f ~ focus * logit-normal(mean, std) + (1 - focus) * uniform, over ``bins`` equal bins of t."""
@@ -241,6 +232,13 @@ def _timestep_chi2(t: torch.Tensor, focus: float, mean: float, std: float, bins:
     p = focus * cdf.diff() + (1 - focus) / bins  # (bins,)
     counts = torch.bincount(t // (T // bins), minlength=bins).double()
     return ((counts - t.numel() * p) ** 2 / (t.numel() * p)).sum().item()
+
+
+def test_timesteps_are_uniform(seed):
+    t = sample_timesteps(200_000, T)
+    assert t.dtype == torch.int64 and t.min() == 0 and t.max() == T - 1
+    # chi-square over every timestep, T-1 dof: mean 999, sd 44.7; 6 sd above the mean fails one run in ~1e9
+    assert _timestep_chi2(t, 0.0, 0.0, 1.0, bins=T) < 999 + 6 * 44.7
 
 
 @pytest.mark.parametrize("focus,mean,std", [(1.0, -0.85, 1.0), (0.7, -0.85, 1.0), (0.3, 0.5, 0.6)])
