@@ -102,10 +102,10 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # prompt can place things; the middle (4 x 4) gets ResBlocks only, attention there would repeat
     # level 1's. Width 32, not 64: a third of the step time on the CPU, so 1500 steps fit the demo's
     # minutes. The pooled prompt in every ResBlock: colour 74.5% vs 65% of samples after 800 steps
-    # (measured on the built-in shapes when the small ones were 7 px). 8 heads (4- and 8-wide): every
-    # head picks its own words of the prompt. Shape+colour+position of 400 held-out prompts after the
-    # demo's 1500 steps (seeds 0 / 2): 2 heads 73.5 / 79.8%, 4 heads 87.2 / 85.2%, 8 heads 93.2 / 93.0%
-    # for 8% more step time; 16 heads: 89.0 / 91.5% for 27% more than 8.
+    # (measured on the built-in shapes when the small ones were 7 px). 8 heads, 4 and 8 wide (why more
+    # heads help is a guess: each can attend to its own word). Shape+colour+position of 400 held-out
+    # prompts after the demo's 1500 steps (seeds 0 / 2): 2 heads 73.5 / 79.8%, 4 heads 87.2 / 85.2%,
+    # 8 heads 93.2 / 93.0% for 8% more step time; 16 heads: 89.0 / 91.5% for 27% more than 8.
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
                        mid_attention=False, num_heads=8, context_dim=384, pooled_context=True),
     # A GPU model for 32 x 32 latents (256 x 256 images) with a CLIP-sized text encoder.
