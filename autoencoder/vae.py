@@ -251,11 +251,20 @@ class Decoder(nn.Module):
 
 class VAE(nn.Module):
     """``encode(x) -> DiagonalGaussian``, ``decode(z) -> x``; images in [-1, 1], (B, 3, H, W),
-    H and W divisible by ``config.downsample_factor``."""
+    H and W divisible by ``config.downsample_factor``.
 
-    def __init__(self, config: VAEConfig):
+    The latent codec: a diffusion model works on ``z = (latent - latent_shift) * latent_scale``, unit
+    variance over the training data. ``encode_latents`` / ``decode_latents`` / ``latent_moments`` apply
+    it, so no caller repeats the formula. The scale and shift are measured by ``train_vae`` and set from
+    ``vae.json`` by ``ldm.pretrained.load_vae`` (a fresh VAE has 1 and 0)."""
+
+    def __init__(self, config: VAEConfig, latent_scale: float = 1.0, latent_shift: float = 0.0,
+                 resolution: int | None = None):
         super().__init__()
         self.config = config
+        self.latent_scale = float(latent_scale)
+        self.latent_shift = float(latent_shift)
+        self.resolution = resolution  # the image side it was trained at, None when unknown
         self.encoder = Encoder(config)
         self.quant_conv = nn.Conv2d(2 * config.latent_channels, 2 * config.latent_channels, 1)
         self.post_quant_conv = nn.Conv2d(config.latent_channels, config.latent_channels, 1)
@@ -284,6 +293,32 @@ class VAE(nn.Module):
         posterior = self.encode(x)
         z = posterior.sample(generator) if sample else posterior.mode()
         return self.decode(z), posterior
+
+    def latent_moments(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Images (B, 3, H, W) -> the posterior's mean and std in the diffusion model's units, float32,
+        (B, C, h, w) each (what a latent cache stores, to draw a fresh sample every step)."""
+        posterior = self.encode(x)
+        mean = (posterior.mean.float() - self.latent_shift) * self.latent_scale
+        return mean, posterior.std.float() * self.latent_scale
+
+    def encode_latents(self, x: torch.Tensor, sample: bool = False,
+                       generator: torch.Generator | None = None) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> the diffusion model's latents (B, C, h, w) float32: the
+        posterior mean, or a sample of it with ``sample``."""
+        posterior = self.encode(x)
+        z = (posterior.sample(generator) if sample else posterior.mode()).float()
+        return (z - self.latent_shift) * self.latent_scale
+
+    def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's latents (B, C, h, w) -> images (B, 3, H, W), unclamped."""
+        return self.decode(z / self.latent_scale + self.latent_shift)
+
+    def latent_shape(self, resolution: int | None = None) -> tuple[int, int, int]:
+        """(C, h, w) of the latent of a square image of side ``resolution`` (default: the trained one)."""
+        resolution = resolution or self.resolution
+        if resolution is None:
+            raise ValueError("VAE.latent_shape: no resolution given and none recorded")
+        return latent_shape(self.config, resolution)
 
     @property
     def last_layer(self) -> torch.Tensor:

@@ -192,8 +192,10 @@ def load_model_files(folder: str | Path, name: str) -> tuple[dict[str, torch.Ten
     return load_tensors(folder / f"{name}.safetensors", f"{name} weights"), meta
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key and the file."""
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped key and the file. ``assign``
+    takes the tensors themselves as the parameters (a model built on the meta device: no copy, no init)."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -208,7 +210,7 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
         problems.append(f"shape mismatches {shapes[:8]}")
     if problems:
         raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
-    model.load_state_dict(state)
+    model.load_state_dict(state, assign=assign)
 
 
 # ---------------------------------------------------------------- training checkpoints
@@ -260,34 +262,3 @@ class CheckpointDir:
         parts = {name: load_state(folder / f"{name}.safetensors", f"checkpoint part {name}")
                  for name in info["parts"]}
         return int(info["step"]), parts
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """Destinations of the flags typed on the command line (to tell them from defaults)."""
-    names = {a.split("=")[0] for a in argv if a.startswith("--")}
-    return {n[2:].replace("-", "_") for n in names}
-
-
-def resume_run(args, argv: list[str], ckpt: CheckpointDir, run_flags: tuple[str, ...],
-               kept_flags: tuple[str, ...] = ()) -> tuple[int, dict[str, Any] | None]:
-    """What a training script does with ``--resume``: (0, None) without it; with it, the latest
-    checkpoint of ``ckpt`` as (step, parts), and ``args`` set from the run's saved flags
-    (``parts["run"]["args"]``). ``run_flags`` define the run: typing one with another value than the
-    checkpoint's is an error (ValueError, naming the flag and both values). ``kept_flags`` come from the
-    checkpoint unless typed again. A flag the checkpoint predates keeps its current value."""
-    if not args.resume:
-        return 0, None
-    if ckpt.latest() is None:
-        raise ValueError(f"--resume: no checkpoint in {ckpt.root} (start without --resume, or pick the right --out)")
-    step, parts = ckpt.load()
-    saved = parts["run"]["args"]
-    given = given_flags(argv)
-    for key in run_flags:
-        if key in given and key in saved and getattr(args, key) != saved[key]:
-            raise ValueError(f"--{key.replace('_', '-')} {getattr(args, key)} differs from the checkpoint's "
-                             f"{saved[key]!r}; drop the flag to resume, or start a new run in another --out")
-        setattr(args, key, saved.get(key, getattr(args, key)))
-    for key in kept_flags:
-        if key not in given:
-            setattr(args, key, saved.get(key, getattr(args, key)))
-    return step, parts

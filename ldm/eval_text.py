@@ -6,7 +6,8 @@
 
 One image per held-out prompt (``eval_prompts``: attributes the training images were drawn
 from, in captions of the training templates), read back with the dataset's own attribute
-reader (``read_attributes``). Reported: the share of images whose shape, colour, size, position
+reader (``read_attributes``); the scoring is ``ldm.metrics.evaluate_prompts``. Reported: the share
+of images whose shape, colour, size, position
 and background match the prompt, each on its own; the headline "shape+colour+position" (all
 three right in the same image); and "all" five. ``--sampler NAME:STEPS`` may repeat: every run
 uses the same prompts and the same starting noise, so the rows differ by the sampler only.
@@ -17,78 +18,34 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from ldm.data.shapes import eval_prompts, read_attributes
+from ldm.errors import InputError
+from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
+from ldm.pipeline import load_pipeline
+from ldm.pretrained import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldm.runlog import image_grid
-from ldm.sample import DEFAULT_CFG, SampleError, generate, load_pipeline
 from ldm.samplers import SAMPLERS
-
-ATTRIBUTES = ("shape", "colour", "size", "position", "background")
-HEADLINE = "shape+colour+position"
-COMBINED = {HEADLINE: ("shape", "colour", "position"), "all": ATTRIBUTES}
-PROMPT_SEED = 0  # eval_prompts(n, PROMPT_SEED): the same prompts for every model and run
-DEFAULT_N, DEFAULT_SAMPLER, DEFAULT_STEPS = 200, "dpmpp_2m", 20
-
-
-def score(images: torch.Tensor, attributes: list[dict]) -> tuple[dict, list[dict]]:
-    """images (N, 3, H, W) in [-1, 1] and the attributes each should show -> (share right per attribute
-    and per combination, what the reader saw in each image)."""
-    seen = [read_attributes(img) for img in images]
-    right = [{a: s[a] == want[a] for a in ATTRIBUTES} for s, want in zip(seen, attributes, strict=True)]
-    shares = {a: sum(r[a] for r in right) / len(right) for a in ATTRIBUTES}
-    for name, group in COMBINED.items():
-        shares[name] = sum(all(r[a] for a in group) for r in right) / len(right)
-    return shares, seen
-
-
-def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
-                     cfg: float = DEFAULT_CFG, seed: int = 0, batch_size: int = 100, spacing: str | None = None,
-                     progress: bool = False, return_images: bool = False) -> dict:
-    """Sample the first ``n`` held-out prompts once each with ``pipe`` (a text-conditional
-    ``ldm.sample.Pipeline`` with its encoder) and score them. -> {"n", "sampler", "steps", "cfg",
-    "seed", "seconds", per-attribute shares, HEADLINE, "all", "misses" (the first few wrong images)}
-    plus "images" (N, 3, H, W) with ``return_images``."""
-    if not pipe.conditional:
-        raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")
-    if n <= 0:
-        raise ValueError(f"evaluate_prompts: n must be positive, got {n}")
-    pairs = eval_prompts(n, PROMPT_SEED)
-    prompts = [text for _, text in pairs]
-    t0 = time.perf_counter()
-    images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,
-                      spacing=spacing, progress=progress)  # (n, 3, H, W)
-    seconds = time.perf_counter() - t0
-    shares, seen = score(images, [a for a, _ in pairs])
-    misses = [{"prompt": p, "read": {a: s[a] for a in ATTRIBUTES}}
-              for p, s, (want, _) in zip(prompts, seen, pairs, strict=True)
-              if any(s[a] != want[a] for a in COMBINED[HEADLINE])][:10]
-    result = {"n": n, "sampler": sampler, "steps": steps, "cfg": cfg, "seed": seed, "seconds": round(seconds, 2),
-              **shares, "misses": misses}
-    if return_images:
-        result["images"] = images
-    return result
 
 
 def parse_run(text: str, steps: int) -> tuple[str, int]:
     name, _, count = text.partition(":")
     if name not in SAMPLERS:
-        raise SampleError(f"--sampler {text!r}: unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
+        raise InputError(f"--sampler {text!r}: unknown sampler {name!r}; expected one of {list(SAMPLERS)}")
     try:
         count = int(count) if count else steps
     except ValueError:
-        raise SampleError(f"--sampler {text!r}: steps must be an integer (NAME:STEPS)") from None
+        raise InputError(f"--sampler {text!r}: steps must be an integer (NAME:STEPS)") from None
     if count <= 0:
-        raise SampleError(f"--sampler {text!r}: steps must be positive")
+        raise InputError(f"--sampler {text!r}: steps must be positive")
     return name, count
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldm.eval_text", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--unet", default="runs/unet", metavar="DIR", help="train_unet's output folder (default runs/unet)")
     p.add_argument("--vae", default=None, metavar="DIR", help="VAE folder (default: the one unet.json records)")
     p.add_argument("--text-encoder", default=None, metavar="PATH",
@@ -99,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         f"(default {DEFAULT_SAMPLER}:{DEFAULT_STEPS}; names: {', '.join(SAMPLERS)})")
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS,
                    help=f"steps of a --sampler given without :STEPS (default {DEFAULT_STEPS})")
-    p.add_argument("--cfg", type=float, default=None, help=f"guidance scale (default: unet.json's, else {DEFAULT_CFG})")
+    p.add_argument("--cfg", type=float, default=None, help="guidance scale (default: unet.json's)")
     p.add_argument("--seed", type=int, default=0, help="image k starts from noise of seed + k (default 0)")
     p.add_argument("--batch-size", type=int, default=100, help="images per sampler run (default 100)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -111,14 +68,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     if args.n <= 0 or args.batch_size <= 0 or args.steps <= 0:
-        raise SampleError("--n, --batch-size and --steps must be positive")
+        raise InputError("--n, --batch-size and --steps must be positive")
     runs = [parse_run(r, args.steps) for r in (args.sampler or [f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"])]
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     pipe = load_pipeline(args.unet, args.vae, args.text_encoder, device)
     if not pipe.conditional:
-        raise SampleError(f"{Path(args.unet) / 'unet.json'} describes an unconditional UNet; "
+        raise InputError(f"{Path(args.unet) / 'unet.json'} describes an unconditional UNet; "
                           "eval_text scores text-conditional models")
-    cfg = args.cfg if args.cfg is not None else pipe.meta.get("cfg_scale", DEFAULT_CFG)
+    cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
     results = []
     print(f"{'sampler':>10} {'steps':>5} | " + " ".join(f"{a:>10}" for a in ATTRIBUTES)
           + f" | {HEADLINE:>21} {'all':>6} | seconds")
@@ -143,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return run(args)
-    except SampleError as e:
+    except InputError as e:
         print(f"eval_text: error: {e}", file=sys.stderr)
         return 2
 

@@ -18,12 +18,10 @@ import torch
 import torch.nn as nn
 
 from autoencoder import VAE, VAE_CONFIGS, VAEConfig
-from ldm import convert
-from ldm.convert import (
-    DiffusersPipeline,
-    load_diffusers_pipeline,
-    load_unet,
-    schedule_from_config,
+from ldm import convert, sd_folder
+from ldm.pretrained import load_unet
+from ldm.sd_folder import DiffusersPipeline, load_diffusers_pipeline, schedule_from_config
+from ldm.sd_format import (
     unet_config_from_diffusers,
     unet_config_to_diffusers,
     unet_from_diffusers,
@@ -132,7 +130,7 @@ def diffusers_vae(cfg: dict, generator: torch.Generator):
 
 def build(cls, config, state):
     """Our model holding ``state``'s tensors (no copies), as the converter builds it."""
-    return convert._assemble(cls, config, state)
+    return sd_folder._assemble(cls, config, state)
 
 
 def convert_model(theirs: nn.Module, cls, config_from, state_from):
@@ -370,10 +368,11 @@ def test_folder_conversion_both_ways(tmp_path, seed):
     assert run.returncode == 0, run.stderr
 
     meta = json.loads((ours_dir / "unet.json").read_text())
-    assert meta["prediction"] == "eps" and meta["sample_size"] == 8 and meta["resolution"] == 32
+    assert meta["prediction"] == "eps" and meta["latent_shape"] == [4, 8, 8] and meta["resolution"] == 32
     assert meta["schedule"] == {k: SD15_SCHEDULER[k] for k in ("beta_schedule", "beta_start", "beta_end",
                                                                "num_train_timesteps")}
-    assert Path(meta["text_encoder"]) == (src / "text_encoder").resolve()
+    assert Path(meta["text_encoder"]["path"]) == (src / "text_encoder").resolve()
+    assert meta["cfg_scale"] == 7.5 and meta["created_by"] == "ldm.convert from-diffusers"
     assert meta["text_encoder_options"] == {"pad_to_max": True, "mask_padding": False, "max_tokens": 77}
     vae, vae_meta = load_vae(ours_dir)
     assert vae_meta["latent_scale_factor"] == TINY_SD_VAE["scaling_factor"] and vae_meta["latent_mean"] == 0.0
@@ -448,11 +447,11 @@ def test_sharded_and_variant_weights_are_read(tmp_path, seed):
     theirs.save_pretrained(tmp_path / "sharded", max_shard_size="60KB")
     assert (tmp_path / "sharded" / "diffusion_pytorch_model.safetensors.index.json").is_file()
     theirs.to(torch.float16).save_pretrained(tmp_path / "half", variant="fp16")
-    ours, _ = convert.load_diffusers_unet(tmp_path / "sharded", dtype=None)  # the stored precision
+    ours, _ = sd_folder.load_diffusers_unet(tmp_path / "sharded", dtype=None)  # the stored precision
     assert all(torch.equal(ours.state_dict()[k], v) for k, v in unet_from_diffusers(state, ours.config).items())
     with pytest.raises(FileNotFoundError, match=r"variants present: diffusion_pytorch_model\.fp16\.safetensors"):
-        convert.load_diffusers_unet(tmp_path / "half")
-    half, _ = convert.load_diffusers_unet(tmp_path / "half", variant="fp16", dtype=torch.float32)
+        sd_folder.load_diffusers_unet(tmp_path / "half")
+    half, _ = sd_folder.load_diffusers_unet(tmp_path / "half", variant="fp16", dtype=torch.float32)
     assert half.conv_out.weight.dtype == torch.float32
     assert torch.equal(half.conv_out.weight, state["conv_out.weight"].half().float())
 
@@ -490,21 +489,21 @@ SCHEDULERS = [
                                                            "trained-betas"])
 def test_schedule_matches_diffusers_alphas_cumprod(kind, settings, tmp_path):
     getattr(diffusers, kind)(**settings).save_pretrained(tmp_path / "scheduler")
-    schedule, prediction, betas = convert.read_scheduler(tmp_path)
+    schedule, prediction, betas = sd_folder.read_scheduler(tmp_path)
     theirs = getattr(diffusers, kind).from_pretrained(tmp_path / "scheduler")
     ref = theirs.alphas_cumprod.to(F64)  # diffusers keeps float32 tables
     assert schedule.num_timesteps == len(ref)
     assert torch.allclose(schedule.alphas_cumprod, ref, rtol=2e-5, atol=0)
     assert prediction == {"epsilon": "eps", "v_prediction": "v"}[settings.get("prediction_type", "epsilon")]
     # and out again: the exported DDIM config rebuilds the same table in diffusers
-    exported = convert.scheduler_config_to_diffusers(betas, prediction)
+    exported = sd_folder.scheduler_config_to_diffusers(betas, prediction)
     ddim = diffusers.DDIMScheduler.from_config(exported)
     assert torch.allclose(ddim.alphas_cumprod.to(F64), ref, rtol=1e-6, atol=0)
 
 
 def test_our_schedule_names_map_to_diffusers():
     for name in ("linear", "scaled_linear", "cosine"):
-        cfg = convert.scheduler_config_to_diffusers(name, "v")
+        cfg = sd_folder.scheduler_config_to_diffusers(name, "v")
         assert cfg["prediction_type"] == "v_prediction"
         ours = schedule_from_config(name).alphas_cumprod
         theirs = diffusers.DDIMScheduler.from_config(cfg).alphas_cumprod.to(F64)
@@ -595,7 +594,7 @@ def test_unsupported_schedulers_are_named(settings, message, tmp_path):
     (tmp_path / "scheduler").mkdir()
     (tmp_path / "scheduler" / "scheduler_config.json").write_text(json.dumps(settings))
     with pytest.raises(ValueError, match=message):
-        convert.read_scheduler(tmp_path)
+        sd_folder.read_scheduler(tmp_path)
 
 
 def test_missing_folders_and_files_are_named(tmp_path, seed):
@@ -652,3 +651,12 @@ def test_sample_from_diffusers(tmp_path, seed):
     first, again, other = draw("a red cube", "a.png"), draw("a red cube", "b.png"), draw("a blue sphere", "c.png")
     assert np.array_equal(first, again)
     assert np.abs(first - other).max() > 0
+
+    # convert from-diffusers, then sample --unet on the written folder: the same image as from the SD folder
+    assert convert.main(["from-diffusers", str(src), "--out", str(tmp_path / "ours")]) == 0
+    folder = tmp_path / "ours_images"
+    assert sample.main(["--unet", str(tmp_path / "ours"), "--prompt", "a red cube", "--steps", "3", "--n", "1",
+                        "--seed", "0", "--out", str(tmp_path / "ours.png"), "--images", str(folder)]) == 0
+    [path] = sorted(folder.glob("*.png"))
+    with Image.open(path) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB"), dtype=np.int16), first)

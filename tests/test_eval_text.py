@@ -11,11 +11,11 @@ from conftest import SESSION_SEED
 from PIL import Image
 from t2i_helpers import RESOLUTION, shared_assets
 
-from ldm import eval_text
+from ldm import eval_text, metrics
 from ldm.checkpoint import load_json, save_json, save_model
 from ldm.data import SHAPES, ShapesDataset, eval_prompts, render, to_tensor
-from ldm.eval_text import ATTRIBUTES, HEADLINE, evaluate_prompts, score
-from ldm.sample import load_pipeline
+from ldm.metrics import ATTRIBUTES, HEADLINE, evaluate_prompts, score
+from ldm.pipeline import load_pipeline
 from ldm.unet import UNet, UNetConfig
 
 
@@ -48,7 +48,7 @@ def test_score_counts_each_attribute_and_the_combinations(seed):
 
 
 def test_each_prompt_is_judged_against_its_own_attributes(monkeypatch):
-    pairs = eval_prompts(12, eval_text.PROMPT_SEED)
+    pairs = eval_prompts(12, metrics.PROMPT_SEED)
     attrs_of = {text: a for a, text in pairs}
     calls = []
 
@@ -59,14 +59,14 @@ def test_each_prompt_is_judged_against_its_own_attributes(monkeypatch):
             return torch.stack([to_tensor(render(attrs_of[p], 32)) for p in order])
         return fake_generate
 
-    monkeypatch.setattr(eval_text, "generate", draw(0))
+    monkeypatch.setattr(metrics, "generate", draw(0))
     pipe = SimpleNamespace(conditional=True)
     result = evaluate_prompts(pipe, 12, sampler="ddim", steps=7, cfg=2.5, seed=3, batch_size=5)
     assert calls[-1] == {"n": 1, "steps": 7, "sampler": "ddim", "cfg": 2.5, "seed": 3, "batch_size": 5,
                          "spacing": None, "progress": False}
     assert all(result[a] == 1.0 for a in ATTRIBUTES + (HEADLINE, "all")) and result["misses"] == []
     assert (result["n"], result["sampler"], result["steps"], result["cfg"]) == (12, "ddim", 7, 2.5)
-    monkeypatch.setattr(eval_text, "generate", draw(1))  # every image shows the next prompt's scene
+    monkeypatch.setattr(metrics, "generate", draw(1))  # every image shows the next prompt's scene
     shifted = evaluate_prompts(pipe, 12)
     assert shifted[HEADLINE] < 0.5 and len(shifted["misses"]) == min(10, round(12 * (1 - shifted[HEADLINE])))
     assert shifted["misses"][0]["prompt"] in attrs_of
@@ -95,7 +95,7 @@ def test_cli_compares_samplers_on_the_same_prompts_and_noise(assets, tmp_path, c
 def test_scores_are_those_of_the_returned_images(assets):
     pipe = load_pipeline(assets["unet"])
     result = evaluate_prompts(pipe, 5, steps=2, seed=1, return_images=True)
-    shares, _ = score(result["images"], [a for a, _ in eval_prompts(5, eval_text.PROMPT_SEED)])
+    shares, _ = score(result["images"], [a for a, _ in eval_prompts(5, metrics.PROMPT_SEED)])
     assert all(result[k] == shares[k] for k in shares)
     assert result["images"].shape == (5, 3, RESOLUTION, RESOLUTION)
 

@@ -14,9 +14,10 @@ from t2i_helpers import RESOLUTION, VAE_CONFIG, make_text_encoder, make_vae, sha
 
 from autoencoder import VAEConfig
 from ldm import sample
+from ldm.pretrained import load_unet
 from ldm.checkpoint import save_json, save_tensors
 from ldm.data import ShapesDataset
-from ldm.sample import generate, load_pipeline, sampling_sigmas
+from ldm.pipeline import generate, load_pipeline, sampling_sigmas
 from ldm.samplers import get_sigmas
 
 PROMPTS = ["a large red circle in the center on a black background",
@@ -31,7 +32,7 @@ def ckpt(tmp_path_factory):
     assets = shared_assets(tmp_path_factory, SESSION_SEED % 1000)
     folder = tmp_path_factory.mktemp("sample") / "unet"
     shutil.copytree(assets["unet"], folder, ignore=shutil.ignore_patterns("checkpoints*", "cache", "val"))
-    unet, _ = sample.load_unet(folder)
+    unet, _ = load_unet(folder)
     torch.manual_seed(SESSION_SEED)
     for m in unet.modules():
         if isinstance(m, (nn.Conv2d, nn.Linear)):

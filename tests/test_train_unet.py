@@ -20,12 +20,15 @@ from PIL import Image
 from safetensors.torch import load_file
 from t2i_helpers import RESOLUTION, make_vae, shared_assets, train_flags
 
+import ldm.latent_cache as latent_cache
 import ldm.train_unet as train_unet
+import ldm.unet_training as training
+from ldm.distributed import Dist, weights_digest
 from ldm.checkpoint import CheckpointDir
 from ldm.data import ShapesDataset, ShuffledStream, eval_prompts
 from ldm.diffusion import sample_timesteps
 from ldm.pretrained import load_vae
-from ldm.sample import generate, load_pipeline
+from ldm.pipeline import generate, load_pipeline
 from ldm.text import TextEncoder
 from ldm.unet import UNet, UNetConfig
 
@@ -65,15 +68,15 @@ def test_text_run_writes_every_output_and_lowers_the_loss(assets):
     out = assets["unet"]
     meta = json.loads((out / "unet.json").read_text())
     assert meta["created_by"] == "ldm.train_unet" and meta["steps"] == 40 and meta["batch_size"] == 8
-    assert meta["prediction"] == train_unet.DEMO.prediction and meta["schedule"] == "cosine"  # train_flags'
+    assert meta["prediction"] == training.DEMO.prediction and meta["schedule"] == "cosine"  # train_flags'
     assert meta["num_timesteps"] == 1000
     assert meta["text_encoder"] == {"path": str(Path(assets["encoder"]).resolve()), "width": 16}
     assert meta["config"]["context_dim"] == 16 and meta["config"]["model_channels"] == 16
     assert meta["latent_shape"] == [4, 4, 4] and meta["resolution"] == RESOLUTION
     assert meta["vae"] == str(Path(assets["vae"]).resolve())
-    assert meta["val_prompts"] == [text for _, text in eval_prompts(train_unet.DEMO.val_prompts, 0)]
+    assert meta["val_prompts"] == [text for _, text in eval_prompts(training.DEMO.val_prompts, 0)]
     assert meta["sampler"] == "dpmpp_2m" and meta["sample_steps"] == 2
-    assert meta["cfg_scale"] == train_unet.DEMO.cfg_scale
+    assert meta["cfg_scale"] == training.DEMO.val_cfg
     assert meta["training"]["world_size"] == 1 and len(meta["training"]["weights_sha256"]) == 1
     scores = meta["eval"]  # --eval 4: eval_text's scores of the EMA model
     assert scores["n"] == 4 and scores["sampler"] == "dpmpp_2m" and scores["steps"] == 2
@@ -91,7 +94,7 @@ def test_text_run_writes_every_output_and_lowers_the_loss(assets):
     grids = sorted(p.name for p in (out / "val").glob("step_*.png"))
     assert grids == ["step_0000020.png", "step_0000040.png"]
     grid = Image.open(out / "val" / grids[-1])
-    scale, rows_ = 64 // RESOLUTION, train_unet.DEMO.val_images  # 8 prompts a row, val_images rows, upscaled
+    scale, rows_ = 64 // RESOLUTION, training.DEMO.val_images  # 8 prompts a row, val_images rows, upscaled
     assert grid.size == (scale * (8 * (RESOLUTION + 2) + 2), scale * (rows_ * (RESOLUTION + 2) + 2))
     gif = Image.open(out / "val" / "progress.gif")
     assert gif.format == "GIF" and gif.n_frames == 2
@@ -159,7 +162,7 @@ def test_cache_is_reused_and_rebuilt_when_the_vae_changes(assets, tmp_path):
 def test_ctrl_c_then_resume_equals_an_uninterrupted_run(assets, tmp_path, seed, monkeypatch):
     flags = ["--ckpt-every", "100"] + text_flags(assets, 6, seed)
     assert run(["--out", tmp_path / "whole"] + flags)[0] == 0
-    real_loss, calls = train_unet.diffusion_loss, {"n": 0}
+    real_loss, calls = training.diffusion_loss, {"n": 0}
 
     def interrupt_at_step_4(*a, **kw):
         calls["n"] += 1
@@ -167,10 +170,10 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(assets, tmp_path, seed, 
             raise KeyboardInterrupt
         return real_loss(*a, **kw)
 
-    monkeypatch.setattr(train_unet, "diffusion_loss", interrupt_at_step_4)
+    monkeypatch.setattr(training, "diffusion_loss", interrupt_at_step_4)
     rc, err = run(["--out", tmp_path / "cut"] + flags)
     assert rc == 130 and "interrupted at step 3" in err
-    monkeypatch.setattr(train_unet, "diffusion_loss", real_loss)
+    monkeypatch.setattr(training, "diffusion_loss", real_loss)
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_0000003"
     assert not (tmp_path / "cut" / "unet.safetensors").exists()
     rc, err = run(["--out", tmp_path / "cut", "--resume", "--quiet"])
@@ -225,7 +228,7 @@ def test_two_processes_hold_identical_weights_and_train_as_one_would(assets, tmp
     model, ema = UNet(config), UNet(config)
     model.load_state_dict(ckpt_part(tmp_path / "ddp", "unet"))
     ema.load_state_dict(ckpt_part(tmp_path / "ddp", "ema"))
-    assert train_unet.weights_digest(model, ema) == digests[0]
+    assert weights_digest(model, ema) == digests[0]
     # rank 0 alone logs: one row per step, one summary line, the cache looked at once
     assert [json.loads(line)["step"] for line in open(tmp_path / "ddp" / "metrics.jsonl")] == [1, 2, 3, 4]
     assert proc.stderr.count("hold identical weights") == 1 and proc.stderr.count("reusing the latent cache") == 1
@@ -324,7 +327,7 @@ def test_positions_follow_the_shuffled_stream_rule(seed):
             return i
 
     stream = ShuffledStream(Indices(), seed=seed)
-    positions = train_unet.Positions(7, seed)
+    positions = latent_cache.Positions(7, seed)
     for start, count in ((0, 7), (5, 20), (13, 1), (40, 9)):  # whole epoch, across three epochs, ...
         assert positions.take(start, count).tolist() == [stream[k] for k in range(start, start + count)]
 
@@ -332,13 +335,13 @@ def test_positions_follow_the_shuffled_stream_rule(seed):
 def test_shards_of_two_ranks_make_up_the_global_batch(seed):
     g = torch.Generator().manual_seed(seed)
     N, U = 10, 4
-    cache = train_unet.Cache(mean=torch.randn(N, 4, 2, 2, generator=g).half(), std=torch.zeros(N, 4, 2, 2).half(),
+    cache = latent_cache.Cache(mean=torch.randn(N, 4, 2, 2, generator=g).half(), std=torch.zeros(N, 4, 2, 2).half(),
                              keys={}, tokens=torch.randn(U, 3, 2, generator=g).half(),
                              token_lengths=torch.randint(1, 4, (U,), generator=g),
                              caption_row=torch.randint(1, U, (N,), generator=g), empty_row=0)
 
     def batches(rank, world, cfg_drop=0.5, t_focus=(0.7, -0.85, 1.0)):
-        return train_unet.Batches(cache, 6, train_unet.Dist(rank, world), seed, cfg_drop, 1000, torch.device("cpu"),
+        return latent_cache.Batches(cache, 6, Dist(rank, world), seed, cfg_drop, 1000, torch.device("cpu"),
                                   t_focus=t_focus)
 
     one, halves = batches(0, 1), [batches(0, 2), batches(1, 2)]
@@ -356,9 +359,9 @@ def test_shards_of_two_ranks_make_up_the_global_batch(seed):
     x0, t, noise, cond = batches(0, 1, cfg_drop=0.0)(3)
     assert 0 <= t.min() and t.max() < 1000 and noise.shape == x0.shape
     # the timesteps are the first draws of the step's generator, from the focused law (tested in test_diffusion)
-    step_gen = torch.Generator().manual_seed((seed * train_unet.STEP_SEED_STRIDE + 3) % 2**64)
+    step_gen = torch.Generator().manual_seed((seed * latent_cache.STEP_SEED_STRIDE + 3) % 2**64)
     assert torch.equal(t, sample_timesteps(6, 1000, None, step_gen, focus=0.7, focus_mean=-0.85, focus_std=1.0))
-    step_gen.manual_seed((seed * train_unet.STEP_SEED_STRIDE + 3) % 2**64)
+    step_gen.manual_seed((seed * latent_cache.STEP_SEED_STRIDE + 3) % 2**64)
     assert torch.equal(batches(0, 1, t_focus=(0.0, 0.0, 1.0))(3)[1], torch.randint(0, 1000, (6,), generator=step_gen))
     assert (cond["context_lengths"] > 0).all() and not any(
         torch.equal(c, cache.tokens[0].float()) for c in cond["context"])  # no caption dropped
@@ -366,9 +369,9 @@ def test_shards_of_two_ranks_make_up_the_global_batch(seed):
 
 
 def test_ema_decay_warms_up_to_its_ceiling():
-    assert train_unet.ema_decay(0, 0.999) == pytest.approx(1 / train_unet.EMA_WARMUP)
-    assert train_unet.ema_decay(10**6, 0.999) == 0.999
-    decays = [train_unet.ema_decay(s, 0.999) for s in range(5000)]
+    assert training.ema_decay(0, 0.999) == pytest.approx(1 / training.EMA_WARMUP)
+    assert training.ema_decay(10**6, 0.999) == 0.999
+    decays = [training.ema_decay(s, 0.999) for s in range(5000)]
     assert all(a <= b for a, b in zip(decays, decays[1:]))
 
 

@@ -17,10 +17,11 @@ from safetensors.torch import load_file
 from autoencoder import VAE_CONFIGS
 
 import ldm.train_vae as train_vae
+import ldm.vae_training as vae_training
 from ldm import eval_vae
 from ldm.checkpoint import save_json
 from ldm.data import ShapesDataset
-from ldm.eval_vae import psnr, ssim
+from ldm.metrics import psnr, ssim
 from ldm.pretrained import load_vae
 
 # a run small enough for seconds on two cores: 16 x 16 shapes, 4 latent pixels a side
@@ -69,7 +70,7 @@ def test_scale_factor_is_stored_and_makes_unit_variance_latents(trained):
     vae, meta = load_vae(trained)
     assert not vae.training and not any(p.requires_grad for p in vae.parameters())
     data = ShapesDataset(32, seed=meta["dataset"]["seed"])
-    x = torch.stack([data[i]["image"] for i in range(train_vae.SCALE_SAMPLE)])
+    x = torch.stack([data[i]["image"] for i in range(vae_training.SCALE_SAMPLE)])
     with torch.no_grad():
         z = vae.encode(x).sample()  # another draw of the posterior noise than train_vae's
     assert abs(z.std().item() * meta["latent_scale_factor"] - 1.0) < 0.05
@@ -156,7 +157,7 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, seed, monkeypa
     args = ["--steps", "6", "--disc-start", "2", "--ckpt-every", "100", "--seed", str(seed)] + SMALL
     assert train_vae.main(["--out", str(tmp_path / "whole")] + args) == 0
     calls = {"n": 0}
-    real_psnr = train_vae.psnr
+    real_psnr = vae_training.psnr
 
     def interrupt_at_step_4(*a):
         calls["n"] += 1
@@ -164,9 +165,9 @@ def test_ctrl_c_then_resume_equals_an_uninterrupted_run(tmp_path, seed, monkeypa
             raise KeyboardInterrupt
         return real_psnr(*a)
 
-    monkeypatch.setattr(train_vae, "psnr", interrupt_at_step_4)
+    monkeypatch.setattr(vae_training, "psnr", interrupt_at_step_4)
     assert train_vae.main(["--out", str(tmp_path / "cut")] + args) == 130
-    monkeypatch.setattr(train_vae, "psnr", real_psnr)
+    monkeypatch.setattr(vae_training, "psnr", real_psnr)
     assert (tmp_path / "cut" / "checkpoints" / "latest").read_text().strip() == "step_0000004"
     assert not (tmp_path / "cut" / "vae.safetensors").exists()
     assert train_vae.main(["--out", str(tmp_path / "cut"), "--resume", "--threads", "1", "--quiet",

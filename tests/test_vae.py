@@ -9,7 +9,7 @@ import kernels
 from autoencoder import VAE, VAE_CONFIGS, DiagonalGaussian, LossConfig, VAEConfig, VAELoss, hinge_d_loss
 from autoencoder import vae as vae_module
 from autoencoder.losses import LPIPS, LPIPS_ENV
-from ldm.convert import vae_diffusers_key as diffusers_key  # the key map lives in ldm.convert
+from ldm.sd_format import vae_diffusers_key as diffusers_key  # the key map lives in ldm.sd_format
 
 TINY = VAEConfig(channels=16, channel_mult=(1, 2), num_res_blocks=1, latent_channels=3, norm_groups=4)
 

@@ -1,0 +1,256 @@
+"""The latent and text cache ``train_unet`` trains from, and the batches it draws from it.
+
+The cache is built once: the VAE's posterior mean and std of the first N items (in the UNet's units:
+``VAE.latent_moments``), so every step draws a fresh latent sample; with a text encoder also the
+captions' token states, each distinct caption encoded once (fp16), plus the empty prompt (for
+classifier-free guidance) and the validation prompts. Each file records what it was built from (VAE
+digest, dataset, resolution, text encoder, item count): a changed input rebuilds it, an unchanged one
+is reused.
+
+``Batches(step)`` draws step s's global batch from seed (seed, s) and gives each rank its shard, so a
+run does not depend on how many processes share it, and resumes mid-epoch exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from ldm.checkpoint import load_tensors, save_tensors
+from ldm.data import caption, eval_prompts
+from ldm.diffusion import sample_timesteps
+from ldm.distributed import Dist
+from ldm.errors import InputError
+from ldm.pretrained import file_digest
+from ldm.text import pad_context
+
+ENCODE_BATCH = 128  # images per VAE call while caching
+TEXT_BATCH = 256  # captions per text-encoder call while caching
+CACHE_FORMAT = 1  # bump when the cache layout changes
+CACHE_ON_DEVICE_BYTES = 2 << 30  # caches up to this size live on the training device, larger ones on the CPU
+STEP_SEED_STRIDE = 1 << 32  # step s of a run with --seed k draws from seed k * STRIDE + s
+VAL_PROMPT_SEED = 0  # eval_prompts(count, VAL_PROMPT_SEED) for the built-in data
+
+
+def read_cache_key(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {}).get("ldm_cache", "null"))
+    except (OSError, ValueError):
+        return None
+
+
+def cache_is_current(path: Path, key: dict, what: str) -> bool:
+    """True when ``path`` was built from ``key``; says on stderr whether it is reused or rebuilt, and why."""
+    old = read_cache_key(path)
+    if old == key:
+        print(f"train_unet: reusing the {what} cache {path}", file=sys.stderr)
+        return True
+    why = "none yet" if old is None else "changed: " + ", ".join(k for k in key if old.get(k) != key[k])
+    print(f"train_unet: building the {what} cache {path} ({why})", file=sys.stderr)
+    return False
+
+
+def dataset_captions(dataset, n: int) -> list[str]:
+    """The captions of items 0..n-1 without decoding their images where the dataset allows."""
+    if hasattr(dataset, "attributes"):  # the built-in shapes: captions come from the drawn attributes
+        return [caption(dataset.attributes(i)) for i in range(n)]
+    if hasattr(dataset, "captions"):
+        return list(dataset.captions[:n])
+    return [dataset[i]["text"] for i in range(n)]
+
+
+@torch.no_grad()
+def encode_latents(vae, dataset, n: int, device, workers: int, quiet: bool) -> dict:
+    """Posterior mean and std of items 0..n-1 in the UNet's units (``vae.latent_moments``):
+    (n, C, h, w) float16 each."""
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(dataset, range(n)), batch_size=ENCODE_BATCH,
+                                         num_workers=workers, generator=torch.Generator().manual_seed(0))
+    means, stds = [], []
+    for batch in tqdm(loader, desc="caching latents", disable=quiet, file=sys.stderr, dynamic_ncols=True):
+        x = batch["image"].to(device).contiguous(memory_format=torch.channels_last)  # (b, 3, R, R)
+        mean, std = vae.latent_moments(x)  # (b, C, h, w) each
+        means.append(mean.half().cpu())
+        stds.append(std.half().cpu())
+    return {"mean": torch.cat(means), "std": torch.cat(stds)}
+
+
+@torch.no_grad()
+def encode_captions(encoder, captions: list[str], extra: list[str], quiet: bool) -> dict:
+    """Each distinct text of ``captions`` + ``extra`` + the empty prompt encoded once:
+    tokens (U, L, width) float16 zero-padded, lengths (U,), index (n,) of each caption's row,
+    empty_index () and extra_index (len(extra),)."""
+    unique = sorted(set(captions) | set(extra) | {""})
+    row = {text: i for i, text in enumerate(unique)}
+    order = sorted(range(len(unique)), key=lambda i: len(unique[i]))  # batch similar lengths: less padding
+    states, lengths = [None] * len(unique), torch.zeros(len(unique), dtype=torch.long)
+    for start in tqdm(range(0, len(unique), TEXT_BATCH), desc="caching text", disable=quiet, file=sys.stderr,
+                      dynamic_ncols=True):
+        rows = order[start:start + TEXT_BATCH]
+        context, n = encoder.encode([unique[i] for i in rows])  # (b, L_b, width), (b,)
+        for j, i in enumerate(rows):
+            lengths[i] = n[j]
+            states[i] = context[j, : n[j]].half().cpu()  # (n_j, width)
+    return {"tokens": pad_context(states), "lengths": lengths,  # (U, L, width), (U,)
+            "index": torch.tensor([row[c] for c in captions], dtype=torch.long),
+            "empty_index": torch.tensor(row[""]),
+            "extra_index": torch.tensor([row[t] for t in extra], dtype=torch.long)}
+
+
+def encoder_path(text_encoder: str | None) -> str:
+    """The absolute folder of the text encoder (None: the packaged MiniLM), as the cache records it."""
+    if text_encoder is not None:
+        return str(Path(text_encoder).resolve())
+    from ldm.text import default_encoder_path
+
+    try:
+        return str(default_encoder_path())
+    except ImportError as e:
+        raise InputError(str(e)) from None
+
+
+def load_text_encoder(path: str, device):
+    from ldm.text import TextEncoder
+
+    try:
+        return TextEncoder(path, device=device)
+    except (FileNotFoundError, ImportError, OSError, ValueError) as e:
+        raise InputError(f"--text-encoder: {e}") from None
+
+
+def validation_prompts(data: str | None, dataset, n: int, count: int) -> list[str]:
+    """Built-in data: ``count`` held-out prompts; a folder: its first ``count`` distinct non-empty captions
+    among items 0..n-1."""
+    if data is None:
+        return [text for _, text in eval_prompts(count, VAL_PROMPT_SEED)]
+    seen = dict.fromkeys(c for c in dataset_captions(dataset, n) if c)
+    return list(seen)[:count] or [""]  # no captions at all: the grids show the empty prompt
+
+
+@dataclass
+class Cache:
+    mean: torch.Tensor  # (N, C, h, w) float16, posterior means in the UNet's units
+    std: torch.Tensor  # (N, C, h, w) float16
+    keys: dict
+    tokens: torch.Tensor | None = None  # (U, L, width) float16, distinct captions
+    token_lengths: torch.Tensor | None = None  # (U,)
+    caption_row: torch.Tensor | None = None  # (N,) row of tokens for each item
+    empty_row: int = 0
+    val_rows: torch.Tensor | None = None  # (V,)
+
+    def to(self, device) -> Cache:
+        nbytes = sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.tokens) if t is not None)
+        if nbytes > CACHE_ON_DEVICE_BYTES:
+            device = torch.device("cpu")
+        for f in ("mean", "std", "tokens", "token_lengths", "caption_row", "val_rows"):
+            if getattr(self, f) is not None:
+                setattr(self, f, getattr(self, f).to(device))
+        return self
+
+
+def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset, n: int,
+                  text_encoder: str | None, val_prompts: list[str], device, workers: int = 0,
+                  quiet: bool = False) -> Cache:
+    """Build (rank 0) or reuse the latent cache of items 0..n-1 in ``folder`` (and, with ``text_encoder``,
+    the resolved encoder folder, the text cache), then load them on every rank."""
+    folder = Path(folder)
+    vae_dir = Path(vae_dir)
+    base = {"format": CACHE_FORMAT, "dataset": dataset.describe(), "images": n}
+    latent_key = {**base, "vae_sha256": file_digest(vae_dir / "vae.safetensors"),
+                  "vae_json_sha256": file_digest(vae_dir / "vae.json")}
+    text_key = {**base, "text_encoder": text_encoder, "val_prompts": val_prompts} if text_encoder else None
+    latent_file, text_file = folder / "latents.safetensors", folder / "text.safetensors"
+
+    def build():
+        if not cache_is_current(latent_file, latent_key, "latent"):
+            t0 = time.perf_counter()
+            latents = encode_latents(vae, dataset, n, device, workers, quiet)
+            save_tensors(latents, latent_file, metadata={"ldm_cache": json.dumps(latent_key)})
+            print(f"train_unet: cached {n} latents {tuple(latents['mean'].shape[1:])} in "
+                  f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
+        if text_key is not None and not cache_is_current(text_file, text_key, "text"):
+            t0 = time.perf_counter()
+            encoder = load_text_encoder(text_key["text_encoder"], device)
+            text = encode_captions(encoder, dataset_captions(dataset, n), val_prompts, quiet)
+            save_tensors(text, text_file, metadata={"ldm_cache": json.dumps(text_key)})
+            print(f"train_unet: cached {len(text['tokens'])} distinct captions of {n} items, "
+                  f"{tuple(text['tokens'].shape[1:])} tokens each, in {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr)
+
+    d.on_main(build)
+    latents = load_tensors(latent_file, "latent cache")
+    cache = Cache(latents["mean"], latents["std"], keys={"latents": latent_key, "text": text_key})
+    if text_key is not None:
+        text = load_tensors(text_file, "text cache")
+        cache.tokens, cache.token_lengths, cache.caption_row = text["tokens"], text["lengths"], text["index"]
+        cache.empty_row, cache.val_rows = int(text["empty_index"]), text["extra_index"]
+    return cache.to(device)
+
+
+class Positions:
+    """Position k of the stream is cached item perm_e[k % N] of epoch e = k // N, each epoch's order
+    drawn from (seed, e) (the same rule as ``ldm.data.ShuffledStream``): a run resumes mid-epoch
+    from ``step * batch_size``."""
+
+    def __init__(self, n: int, seed: int):
+        self.n, self.seed, self._perms = n, seed, {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perms:  # keep one epoch: batches look epochs up in order
+            self._perms = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._perms[epoch]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        out = np.empty(count, dtype=np.int64)
+        k = 0
+        while k < count:
+            epoch, offset = divmod(start + k, self.n)
+            m = min(count - k, self.n - offset)
+            out[k:k + m] = self._perm(epoch)[offset:offset + m]
+            k += m
+        return torch.from_numpy(out)
+
+
+class Batches:
+    """Step s's global batch: the cached items at stream positions s*B .. s*B + B - 1, a fresh posterior
+    sample of each latent, timesteps, noise and caption drops, all drawn for the whole global batch
+    from seed (``seed``, s); rank r keeps rows r*b .. (r+1)*b - 1 (b = B / world). One process or
+    many, step s trains on the same numbers."""
+
+    def __init__(self, cache: Cache, batch_size: int, d: Dist, seed: int, cfg_drop: float, num_timesteps: int,
+                 device: torch.device, t_focus: tuple[float, float, float] = (0.0, 0.0, 1.0)):
+        self.cache, self.B, self.seed, self.cfg_drop, self.T, self.device = (
+            cache, batch_size, seed, cfg_drop, num_timesteps, device)
+        self.focus = dict(zip(("focus", "focus_mean", "focus_std"), t_focus, strict=True))  # sample_timesteps
+        self.b = batch_size // d.world
+        self.first = d.rank * self.b  # this rank's first row of every global batch
+        self.rows = slice(self.first, self.first + self.b)
+        self.positions = Positions(len(cache.mean), seed)
+        self.gen = torch.Generator(device)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
+        """-> x0 (b, C, h, w), t (b,) integer timesteps, noise (b, C, h, w), the UNet's context kwargs."""
+        c, B, dev = self.cache, self.B, self.device
+        idx = self.positions.take(step * B + self.first, self.b).to(c.mean.device)  # (b,) cached items
+        self.gen.manual_seed((self.seed * STEP_SEED_STRIDE + step) % 2**64)
+        shape = (B, *c.mean.shape[1:])
+        t = sample_timesteps(B, self.T, dev, self.gen, **self.focus)[self.rows]  # (b,)
+        z_noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
+        noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
+        drop = (torch.rand(B, generator=self.gen, device=dev) < self.cfg_drop)[self.rows]  # (b,)
+        x0 = c.mean[idx].to(dev).float() + c.std[idx].to(dev).float() * z_noise  # (b, C, h, w)
+        if c.tokens is None:
+            return x0, t, noise, {}
+        row = torch.where(drop, c.empty_row, c.caption_row[idx].to(dev)).to(c.tokens.device)  # (b,)
+        return x0, t, noise, {"context": c.tokens[row].to(dev).float(),  # (b, L, width)
+                              "context_lengths": c.token_lengths[row].to(dev)}  # (b,)
