@@ -7,6 +7,17 @@ Two kinds of file:
   RNG, data position...), each part one safetensors file whose header holds the JSON skeleton of
   the nested state. The folder is written under a temporary name and renamed, then the ``latest``
   file is replaced atomically, so a run killed at any moment resumes from a whole checkpoint.
+
+Every file is written to a temporary name, flushed to disk and renamed over the old one, and the
+folder is flushed after the rename, so a crash leaves the old file or the new one, never a mix. An
+exported pair (weights + JSON) carries one export id in both files: a crash between the two renames
+leaves a pair whose ids differ, which ``load_model_files`` refuses rather than mixing new weights
+with old settings. ``CheckpointDir.load`` falls back to the newest older checkpoint when the latest
+is missing or damaged. A write that fails (a full disk) is an ``InputError`` naming the file, and
+leaves no temporary file behind. Files get the usual permissions (0644 under the usual umask).
+
+``crash_point()`` marks each step of these writes: the crash-consistency test kills the process at
+the N-th with ``LDM_CRASH_AT=N`` (and counts them with ``LDM_CRASH_COUNT=FILE``).
 """
 
 from __future__ import annotations
@@ -15,33 +26,76 @@ import json
 import os
 import random
 import shutil
+import signal
+import sys
 import tempfile
+import uuid
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+
+from ldm.errors import InputError
 
 _SKELETON_KEY = "ldm_skeleton"
 _TENSOR_TAG = "__tensor__"
+EXPORT_KEY = "export_id"  # in an exported pair's JSON and in its weights' safetensors header
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+FILE_MODE = 0o666 & ~_UMASK  # what open() would give: temporary files start at 0600
+
+
+# ---------------------------------------------------------------- crash points (for the crash test)
+_crash = {"seen": 0}
+
+
+def crash_point() -> None:
+    """A step boundary inside a write. ``LDM_CRASH_AT=N`` kills the process (SIGKILL: no cleanup, as a
+    power cut) at the N-th; ``LDM_CRASH_COUNT=FILE`` records how many a run passed. No-op otherwise."""
+    at, count = os.environ.get("LDM_CRASH_AT"), os.environ.get("LDM_CRASH_COUNT")
+    if at is None and count is None:
+        return
+    _crash["seen"] += 1
+    if count:
+        Path(count).write_text(str(_crash["seen"]))
+    if at is not None and _crash["seen"] == int(at):
+        sys.stderr.flush()
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # ---------------------------------------------------------------- atomic files
+def fsync_dir(folder: str | Path) -> None:
+    """Flush a folder's entries (a rename is durable only once its folder is)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _atomic_write(path: Path, write) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(tmp)
+        os.chmod(tmp, FILE_MODE)
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
+        crash_point()
         os.replace(tmp, path)
+        crash_point()
+        fsync_dir(path.parent)
+    except OSError as e:
+        raise InputError(f"could not write {path}: {e.strerror or e}") from None
     finally:
-        if os.path.exists(tmp):
+        if tmp is not None and os.path.exists(tmp):
             os.remove(tmp)
 
 
@@ -174,22 +228,40 @@ def config_dict(config: Any) -> dict:
 
 
 def save_model(folder: str | Path, name: str, model: torch.nn.Module, config: Any, **extra: Any) -> Path:
-    """Write ``folder/name.safetensors`` (state dict) and ``folder/name.json`` ({"config", **extra})."""
+    """Write ``folder/name.safetensors`` (state dict) and ``folder/name.json`` ({"config", **extra}), one
+    export id in both (the weights first: a crash between leaves ids that differ, never a silent mix)."""
     folder = Path(folder)
-    save_tensors(model.state_dict(), folder / f"{name}.safetensors")
-    save_json({"config": config_dict(config), **extra}, folder / f"{name}.json")
+    export_id = uuid.uuid4().hex
+    save_tensors(model.state_dict(), folder / f"{name}.safetensors", metadata={EXPORT_KEY: export_id})
+    save_json({"config": config_dict(config), **extra, EXPORT_KEY: export_id}, folder / f"{name}.json")
     return folder / f"{name}.safetensors"
 
 
+def export_id(path: str | Path) -> str | None:
+    """The export id in a safetensors file's header (None: written by another tool or before ids)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get(EXPORT_KEY)
+    except (SafetensorError, OSError, ValueError):
+        return None
+
+
 def load_model_files(folder: str | Path, name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    """Read ``folder/name.safetensors`` and ``folder/name.json``; errors name the missing file."""
+    """Read ``folder/name.safetensors`` and ``folder/name.json``; errors name the missing file, and a
+    pair from two different exports (a write cut short) is refused."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder not found: {folder}")
-    meta = load_json(folder / f"{name}.json", f"{name} config")
-    if "config" not in meta:
-        raise ValueError(f"{folder / (name + '.json')} has no 'config' entry")
-    return load_tensors(folder / f"{name}.safetensors", f"{name} weights"), meta
+    json_path, weights_path = folder / f"{name}.json", folder / f"{name}.safetensors"
+    meta = load_json(json_path, f"{name} config")
+    if not isinstance(meta, dict) or "config" not in meta:
+        raise ValueError(f"{json_path} has no 'config' entry")
+    state = load_tensors(weights_path, f"{name} weights")
+    theirs = export_id(weights_path)
+    if theirs is not None and meta.get(EXPORT_KEY) is not None and theirs != meta[EXPORT_KEY]:
+        raise ValueError(f"{weights_path} and {json_path} come from two different exports (a write cut short); "
+                         "export again (train_unet / train_vae --resume writes the pair anew)")
+    return state, meta
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
@@ -215,7 +287,11 @@ def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor
 
 # ---------------------------------------------------------------- training checkpoints
 class CheckpointDir:
-    """``root/step_XXXXXXX/`` folders of parts plus a ``root/latest`` pointer; keeps the newest ``keep``."""
+    """``root/step_XXXXXXX/`` folders of parts plus a ``root/latest`` pointer; keeps the newest ``keep``.
+
+    ``save`` writes a whole folder under a temporary name, renames it, then moves the pointer: a crash
+    at any moment leaves the previous checkpoint whole. ``load`` reads the newest checkpoint that is
+    whole, falling back past a missing or damaged one (and saying so)."""
 
     def __init__(self, root: str | Path, keep: int = 2):
         self.root = Path(root)
@@ -224,16 +300,28 @@ class CheckpointDir:
     def save(self, step: int, parts: dict[str, Any]) -> Path:
         final = self.root / f"step_{step:07d}"
         tmp = self.root / f".step_{step:07d}.tmp"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        for name, obj in parts.items():
-            save_state(obj, tmp / f"{name}.safetensors")
-        save_json({"step": step, "parts": sorted(parts)}, tmp / "checkpoint.json")
-        if final.exists():
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _atomic_write(self.root / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+        old = self.root / f".step_{step:07d}.old"  # a checkpoint of the same step, replaced
+        try:
+            for leftover in (tmp, old):
+                if leftover.exists():
+                    shutil.rmtree(leftover)
+            tmp.mkdir(parents=True)
+            for name, obj in parts.items():
+                save_state(obj, tmp / f"{name}.safetensors")
+            save_json({"step": step, "parts": sorted(parts)}, tmp / "checkpoint.json")
+            fsync_dir(tmp)
+            if final.exists():
+                os.rename(final, old)
+                crash_point()
+            os.rename(tmp, final)
+            crash_point()
+            fsync_dir(self.root)
+            _atomic_write(self.root / "latest", lambda p: Path(p).write_text(final.name + "\n"))
+        except (OSError, InputError) as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+            raise InputError(f"could not write the checkpoint {final}: {why}; the previous one is kept") from None
+        shutil.rmtree(old, ignore_errors=True)
         self._prune(final.name)
         return final
 
@@ -245,20 +333,46 @@ class CheckpointDir:
         for p in self.root.glob(".step_*.tmp"):  # leftovers of a run killed mid-write
             shutil.rmtree(p, ignore_errors=True)
 
-    def latest(self) -> Path | None:
+    def candidates(self) -> list[Path]:
+        """Checkpoint folders, newest first: the one ``latest`` names, then the others by step."""
+        folders = sorted((p for p in self.root.glob("step_*") if p.is_dir()), reverse=True)
         pointer = self.root / "latest"
-        if not pointer.is_file():
-            return None
-        folder = self.root / pointer.read_text().strip()
-        if not (folder / "checkpoint.json").is_file():
-            raise FileNotFoundError(f"{pointer} names {folder}, which holds no checkpoint.json")
-        return folder
+        if pointer.is_file():
+            named = self.root / pointer.read_text().strip()
+            folders = [named] + [p for p in folders if p != named]
+        return folders
 
-    def load(self, folder: Path | None = None) -> tuple[int, dict[str, Any]]:
-        folder = folder or self.latest()
-        if folder is None:
-            raise FileNotFoundError(f"no checkpoint to resume from in {self.root}")
+    def latest(self) -> Path | None:
+        """The folder ``load`` would try first, or None when there is no checkpoint at all."""
+        folders = self.candidates()
+        return folders[0] if folders else None
+
+    def _read(self, folder: Path) -> tuple[int, dict[str, Any]]:
         info = load_json(folder / "checkpoint.json", "checkpoint index")
+        if not (isinstance(info, dict) and isinstance(info.get("step"), int) and isinstance(info.get("parts"), list)):
+            raise ValueError(f"{folder / 'checkpoint.json'} is not a checkpoint index")
         parts = {name: load_state(folder / f"{name}.safetensors", f"checkpoint part {name}")
                  for name in info["parts"]}
         return int(info["step"]), parts
+
+    def load(self, folder: Path | None = None) -> tuple[int, dict[str, Any]]:
+        """(step, parts) of ``folder``, or of the newest whole checkpoint. InputError when none is whole."""
+        if folder is not None:
+            try:
+                return self._read(folder)
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(str(e)) from None
+        problems = []
+        for candidate in self.candidates():
+            try:
+                step, parts = self._read(candidate)
+            except (FileNotFoundError, ValueError) as e:
+                problems.append(f"{candidate.name}: {e}")
+                continue
+            if problems:
+                print(f"checkpoint: skipped {len(problems)} damaged or missing checkpoint(s) ({problems[0]}); "
+                      f"resuming from {candidate}", file=sys.stderr)
+            return step, parts
+        if problems:
+            raise InputError(f"no whole checkpoint in {self.root}: {'; '.join(problems)}")
+        raise InputError(f"no checkpoint to resume from in {self.root}")

@@ -60,13 +60,29 @@ class Dist:
             raise InputError(error)
 
 
+def resolve_device(flag: str, local_rank: int = 0) -> torch.device:
+    """``--device``: "auto" (cuda:LOCAL_RANK when a GPU is there, else the CPU) or a torch device name.
+    One that does not exist here is an InputError naming it."""
+    if flag == "auto":
+        return torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(flag)
+    except (RuntimeError, ValueError):
+        raise InputError(f"--device {flag!r} is not a device name (cpu, cuda, cuda:1, ...)") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"--device {flag}: no CUDA device is available here; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise InputError(f"--device {flag}: only {torch.cuda.device_count()} CUDA device(s) here")
+    elif device.type != "cpu":
+        raise InputError(f"--device {flag}: only cpu and cuda devices are supported")
+    return device
+
+
 def init_distributed(device_flag: str) -> tuple[Dist, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     d = Dist(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
-    if device_flag == "auto":
-        device = torch.device(f"cuda:{d.local_rank}" if torch.cuda.is_available() else "cpu")
-    else:
-        device = torch.device(device_flag)
+    device = resolve_device(device_flag, d.local_rank)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     if world > 1:

@@ -20,8 +20,8 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 
+from ldm.distributed import resolve_device
 from ldm.errors import InputError
 from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
 from ldm.pipeline import load_pipeline
@@ -70,7 +70,9 @@ def run(args: argparse.Namespace) -> int:
     if args.n <= 0 or args.batch_size <= 0 or args.steps <= 0:
         raise InputError("--n, --batch-size and --steps must be positive")
     runs = [parse_run(r, args.steps) for r in (args.sampler or [f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"])]
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    if args.cfg is not None and args.cfg < 0:
+        raise InputError(f"--cfg must be >= 0 (1: no guidance), got {args.cfg}")
+    device = resolve_device(args.device)
     pipe = load_pipeline(args.unet, args.vae, args.text_encoder, device)
     if not pipe.conditional:
         raise InputError(f"{Path(args.unet) / 'unet.json'} describes an unconditional UNet; "

@@ -12,9 +12,9 @@ import argparse
 import json
 import sys
 
-import torch
 
 from ldm.data import open_dataset
+from ldm.distributed import resolve_device
 from ldm.metrics import evaluate_vae
 from ldm.pretrained import load_vae
 
@@ -37,8 +37,8 @@ def main(argv=None) -> int:
     if args.n <= 0 or args.batch_size <= 0:
         parser.error("--n and --batch-size must be positive")
 
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     try:
+        device = resolve_device(args.device)
         vae, meta = load_vae(args.ckpt, device)
         resolution = args.resolution or meta.get("resolution")
         f = vae.config.downsample_factor
@@ -47,7 +47,7 @@ def main(argv=None) -> int:
         dataset = open_dataset(args.data, resolution, split="eval", seed=args.seed,
                                caption_column=args.caption_column)
         result = evaluate_vae(vae, dataset, args.n, args.batch_size, device)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError) as e:  # InputError is a ValueError
         print(f"eval_vae: error: {e}", file=sys.stderr)
         return 2
     where = f"folder {args.data}" if args.data else f"built-in eval split (seed {args.seed})"

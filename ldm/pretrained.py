@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from autoencoder import VAE, VAEConfig
-from ldm.checkpoint import load_model_files, load_state_dict_strict, save_model
+from ldm.checkpoint import EXPORT_KEY, load_model_files, load_state_dict_strict, save_model
 from ldm.diffusion import NoiseSchedule, check_prediction
 from ldm.errors import InputError
 from ldm.unet import UNet, UNetConfig
@@ -160,7 +160,7 @@ class UNetFile:
         if shape is not None and not (isinstance(shape, (list, tuple)) and len(shape) == 3
                                       and all(isinstance(s, int) and s > 0 for s in shape)):
             raise ValueError(f"{source}: latent_shape must be [C, h, w], got {shape!r}")
-        known = {f.name for f in fields(cls)} | {"text_encoder_options", "sample_size"}
+        known = {f.name for f in fields(cls)} | {"text_encoder_options", "sample_size", EXPORT_KEY}
         try:
             out = cls(config=config, prediction=prediction, schedule=schedule,
                       latent_shape=None if shape is None else tuple(shape),
@@ -174,9 +174,22 @@ class UNetFile:
                       created_by=meta.get("created_by", "ldm"),
                       extra={k: v for k, v in meta.items() if k not in known})
             out.noise_schedule()
+            check_sampling(out.sampler, out.sample_steps, out.cfg_scale)
         except (TypeError, ValueError) as e:
             raise ValueError(f"{source}: {e}") from None
         return out
+
+
+def check_sampling(sampler, steps, cfg) -> None:
+    """ValueError unless the sampling defaults are ones ``ldm.Pipeline`` can run."""
+    from ldm.samplers import SAMPLERS
+
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
+    if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+        raise ValueError(f"sample_steps must be a positive integer, got {steps!r}")
+    if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not cfg >= 0:
+        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg!r}")
 
 
 def save_unet(folder: str | Path, unet: torch.nn.Module, info: UNetFile) -> Path:

@@ -20,8 +20,9 @@ import re
 import sys
 from pathlib import Path
 
-import torch
 
+from ldm.data.folder import read_text_utf8
+from ldm.distributed import resolve_device
 from ldm.errors import InputError
 from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_image
 from ldm.runlog import image_grid
@@ -42,7 +43,10 @@ def read_prompts(args: argparse.Namespace, pipe: Pipeline) -> list[str] | None:
         path = Path(args.prompts_file)
         if not path.is_file():
             raise InputError(f"--prompts-file: file not found: {path}")
-        lines = [line.strip() for line in path.read_text().splitlines()]
+        try:
+            lines = [line.strip() for line in read_text_utf8(path).splitlines()]
+        except ValueError as e:
+            raise InputError(f"--prompts-file: {e}") from None
         from_file = [line for line in lines if line]
         if not from_file:
             raise InputError(f"--prompts-file {path} holds no prompts (expected one prompt a line)")
@@ -115,7 +119,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def run(args: argparse.Namespace) -> int:
     check_args(args)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = resolve_device(args.device)
     if args.from_diffusers is not None:
         pipe = Pipeline.from_pretrained(args.from_diffusers, text_encoder=args.text_encoder, device=device)
     else:

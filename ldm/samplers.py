@@ -107,6 +107,8 @@ def sample_euler(model, x, sigmas, extra_args=None, callback=None, disable=None,
 def sample_ddim(model, x, sigmas, extra_args=None, callback=None, disable=None, *, eta: float = 0.0,
                 generator=None):
     """DDIM (Song et al. 2021, "Denoising Diffusion Implicit Models"); eta=0 deterministic, eta=1 DDPM's posterior."""
+    if not 0.0 <= eta <= 1.0:  # past 1 the posterior's variance exceeds sigma_next^2: a negative root
+        raise ValueError(f"sample_ddim: eta must lie in [0, 1], got {eta}")
     for i, sigma, sigma_next in _steps(sigmas, disable):
         denoised = _denoise(model, x, sigma, extra_args)
         eps = (x - denoised) / sigma

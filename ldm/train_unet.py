@@ -134,7 +134,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     config = config_from_args(TrainConfig, args)
-    d, device = init_distributed(config.device)
+    try:
+        d, device = init_distributed(config.device)
+    except InputError as e:
+        print(f"train_unet: error: {e}", file=sys.stderr)
+        return 2
     try:
         return train(config, d, device, resume=args.resume, given=given_fields(parser, argv), quiet=args.quiet)
     except InputError as e:

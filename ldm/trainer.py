@@ -15,12 +15,13 @@ import argparse
 import contextlib
 import dataclasses
 import math
-import shutil
 import signal
 import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from ldm.checkpoint import CheckpointDir
 from ldm.errors import InputError
@@ -98,15 +99,39 @@ class RunFolder:
         return dataclasses.replace(config, **changes), step, parts
 
     def start_new(self, command: str) -> None:
-        """A new run in a folder with an earlier run's checkpoints: keep them aside, never mix the two.
-        Call only after every input is checked."""
+        """A new run in a folder with an earlier run's checkpoints: keep them aside under the first free
+        name (``checkpoints.previous``, ``checkpoints.previous.2``, ...), never mix the two runs and never
+        delete one. Call only after every input is checked."""
         if self.ckpt.root.is_dir():
-            aside = self.out / "checkpoints.previous"
-            if aside.exists():
-                shutil.rmtree(aside)
+            aside, n = self.out / "checkpoints.previous", 1
+            while aside.exists():
+                n += 1
+                aside = self.out / f"checkpoints.previous.{n}"
             self.ckpt.root.rename(aside)
             print(f"{command}: starting a new run in {self.out}; the earlier run's checkpoints moved to {aside} "
                   "(--resume continues a run instead)", file=sys.stderr)
+
+
+def restore(parts: dict, targets: dict, where: Path) -> None:
+    """Load each checkpoint part into its module or optimizer (``targets``: part name -> object); a part
+    that is missing or does not fit is an InputError naming the checkpoint, not a traceback."""
+    for name, target in targets.items():
+        if name not in parts:
+            raise InputError(f"the checkpoint in {where} has no {name!r} part; start a new run in another --out")
+        try:
+            target.load_state_dict(parts[name])
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise InputError(f"the checkpoint's {name!r} part in {where} does not fit this run ({first}); "
+                             "start a new run in another --out") from None
+
+
+def check_finite(step: int, *modules: torch.nn.Module) -> None:
+    """InputError when any weight is NaN or infinite: such a state is never saved."""
+    for m in modules:
+        if not all(torch.isfinite(p).all() for p in m.parameters()):
+            raise InputError(f"the weights became non-finite by step {step}; nothing was saved past the last "
+                             "checkpoint (lower --lr and --resume, or start again)")
 
 
 def check_positive(config, names: Iterable[str], *, strict: bool = True) -> None:

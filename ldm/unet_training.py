@@ -33,7 +33,8 @@ from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_c
 from ldm.pipeline import Pipeline, generate
 from ldm.pretrained import TextEncoderSpec, UNetFile, load_vae, save_unet
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
-from ldm.trainer import RunFolder, check_positive, learning_rate, sigterm_as_interrupt
+from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
+                         sigterm_as_interrupt)
 from ldm.unet import UNet, UNetConfig, count_parameters, unet_config
 
 CREATED_BY = "ldm.train_unet"  # what unet.json says when this module wrote it
@@ -146,8 +147,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 def check_config(c: TrainConfig, d: Dist) -> None:
     """InputError naming the flag for a value no run can take."""
-    check_positive(c, ("batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads"))
-    check_positive(c, ("steps", "warmup", "val_every", "eval", "workers", "weight_decay", "grad_clip",
+    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads"))
+    check_positive(c, ("warmup", "val_every", "eval", "workers", "weight_decay", "grad_clip",
                        "min_snr_gamma"), strict=False)
     if c.lr <= 0:
         raise InputError(f"--lr must be positive, got {c.lr}")
@@ -157,6 +158,8 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         raise InputError(f"--t-focus must lie in [0, 1], got {c.t_focus}")
     if c.t_focus_std <= 0:
         raise InputError(f"--t-focus-std must be positive, got {c.t_focus_std}")
+    if c.val_cfg < 0:
+        raise InputError(f"--val-cfg must be >= 0 (1: no guidance), got {c.val_cfg}")
     if not 0 <= c.cfg_drop < 1:
         raise InputError(f"--cfg-drop must lie in [0, 1), got {c.cfg_drop}")
     if c.batch_size % d.world:
@@ -254,9 +257,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     opt = torch.optim.AdamW(optimizer_groups(model, c.weight_decay), lr=c.lr, betas=ADAMW_BETAS,
                             fused=device.type in ("cpu", "cuda"))
     if parts is not None:
-        model.load_state_dict(parts["unet"])
-        ema.load_state_dict(parts["ema"])
-        opt.load_state_dict(parts["optimizer"])
+        restore(parts, {"unet": model, "ema": ema, "optimizer": opt}, run.ckpt.root)
     if parts is not None and d.main:
         print(f"train_unet: resumed {out} at step {start_step} of {c.steps}", file=sys.stderr)
     ranks_rng = parts["rng"]["ranks"] if parts is not None else []
@@ -288,6 +289,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
               f"{f' ({d.world} processes x {b})' if d.world > 1 else ''} on {device}", file=sys.stderr)
 
     def checkpoint(step: int, gather: bool = True) -> None:
+        if not finite.item():
+            raise InputError(f"the loss became non-finite by step {step}; nothing was saved past the last "
+                             f"checkpoint (lower --lr, now {c.lr}, and --resume)")
+        check_finite(step, model, ema)
         states = d.gather(rng_state()) if gather else [rng_state()]
         if d.main:
             run.ckpt.save(step, {
@@ -309,6 +314,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                       t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std))
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
+    finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read before any save
     progress = Progress(c.steps, initial=start_step, desc="train_unet", enabled=d.main and not quiet)
     step, saved_step, t_start = start_step, start_step if parts is not None else -1, time.perf_counter()
     model.train()
@@ -332,6 +338,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                     torch._foreach_lerp_(ema_params, model_params, 1.0 - decay)
                 step += 1
                 loss_sum += loss.detach()
+                finite &= torch.isfinite(loss.detach())
                 loss_count += 1
                 if step % c.log_every == 0 or step == c.steps:
                     if d.world > 1:

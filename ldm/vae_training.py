@@ -27,7 +27,9 @@ from ldm.errors import InputError
 from ldm.metrics import evaluate_vae, psnr
 from ldm.pretrained import save_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves
-from ldm.trainer import RunFolder, check_positive, learning_rate, sigterm_as_interrupt
+from ldm.distributed import resolve_device
+from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
+                         sigterm_as_interrupt)
 
 # Adam betas. The discriminator keeps latent diffusion's (0.5, 0.9), the usual choice for GAN stability;
 # for the autoencoder itself (0.9, 0.99) measured 27.3 -> 29.2 dB PSNR at 1200 demo steps.
@@ -90,8 +92,8 @@ RUN_FIELDS = ("data", "caption_column", "crop", "flip", "resolution", "preset", 
 
 def check_config(c: VAETrainConfig) -> None:
     """InputError naming the flag for a value no run can take."""
-    check_positive(c, ("warmup", "steps"), strict=False)
-    check_positive(c, ("batch_size", "ckpt_every", "sample_every", "log_every", "threads"))
+    check_positive(c, ("warmup",), strict=False)
+    check_positive(c, ("steps", "batch_size", "ckpt_every", "sample_every", "log_every", "threads"))
     if c.lr <= 0:
         raise InputError(f"--lr must be positive, got {c.lr}")
     f = VAE_CONFIGS[c.preset].downsample_factor
@@ -138,7 +140,7 @@ def train(c: VAETrainConfig, *, resume: bool = False, given=(), quiet: bool = Fa
     check_config(c)
     c = c.resolved()
     torch.set_num_threads(c.threads or os.cpu_count() or 1)
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if c.device == "auto" else c.device)
+    device = resolve_device(c.device)
     try:
         dataset = open_dataset(c.data, c.resolution, seed=c.seed, caption_column=c.caption_column,
                                crop=c.crop, flip=c.flip)
@@ -162,10 +164,8 @@ def train(c: VAETrainConfig, *, resume: bool = False, given=(), quiet: bool = Fa
     opt_vae = torch.optim.Adam(vae.parameters(), lr=c.lr, betas=VAE_BETAS)
     opt_disc = torch.optim.Adam(loss_fn.discriminator.parameters(), lr=c.lr, betas=DISC_BETAS)
     if parts is not None:
-        vae.load_state_dict(parts["vae"])
-        loss_fn.discriminator.load_state_dict(parts["discriminator"])
-        opt_vae.load_state_dict(parts["opt_vae"])
-        opt_disc.load_state_dict(parts["opt_disc"])
+        restore(parts, {"vae": vae, "discriminator": loss_fn.discriminator, "opt_vae": opt_vae,
+                        "opt_disc": opt_disc}, run.ckpt.root)
         set_rng_state(parts["rng"])
         print(f"train_vae: resumed {out} at step {start_step} of {c.steps}", file=sys.stderr)
 
@@ -178,6 +178,7 @@ def train(c: VAETrainConfig, *, resume: bool = False, given=(), quiet: bool = Fa
           f"{dataset.describe()['name']}, {c.steps} steps of {c.batch_size} on {device}", file=sys.stderr)
 
     def checkpoint(step: int) -> None:
+        check_finite(step, vae, loss_fn.discriminator)
         run.ckpt.save(step, {
             "vae": vae.state_dict(), "discriminator": loss_fn.discriminator.state_dict(),
             "opt_vae": opt_vae.state_dict(), "opt_disc": opt_disc.state_dict(), "rng": rng_state(),

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from ldm.checkpoint import (CheckpointDir, load_model_files, load_state, load_state_dict_strict, rng_state,
+from ldm.checkpoint import (CheckpointDir, export_id, load_model_files, load_state, load_state_dict_strict, rng_state,
                             save_model, save_state, set_rng_state)
 
 
@@ -54,7 +54,8 @@ def test_model_export_and_strict_load_errors(tmp_path):
     model = nn.Linear(3, 2)
     save_model(tmp_path, "m", model, {"width": 3}, scale=0.5)
     state, meta = load_model_files(tmp_path, "m")
-    assert meta == {"config": {"width": 3}, "scale": 0.5}
+    assert meta == {"config": {"width": 3}, "scale": 0.5, "export_id": export_id(tmp_path / "m.safetensors")}
+    assert len(meta["export_id"]) == 32  # one id in both files of the pair
     assert json.loads((tmp_path / "m.json").read_text())["scale"] == 0.5
     with pytest.raises(ValueError, match=r"m\.safetensors.*shape mismatches.*weight"):
         load_state_dict_strict(nn.Linear(4, 2), state, str(tmp_path / "m.safetensors"))

@@ -6,12 +6,15 @@ Two conventions, picked by what the folder holds:
 - sidecar captions: every image, anywhere below the root, with its caption in a ``.txt`` of the same
   stem beside it (``cat.png`` + ``cat.txt``).
 
-PNG, JPEG and WebP in any mode (RGBA on white, L, P, CMYK...) become RGB; each image is resized
-so its short side is the training resolution, then centre- or randomly cropped square. Random
-horizontal flips are off by default: captions say "left" and "right".
+PNG, JPEG and WebP in any mode (RGBA on white, L, P, CMYK, 16-bit grey scaled to 8 bits...) become
+RGB; each image is resized so its short side is the training resolution, then centre- or randomly
+cropped square. Random horizontal flips are off by default: captions say "left" and "right".
 
-A file that cannot be opened or decoded is skipped; all such files are counted in one warning. An
-image without a caption gets the empty caption (also counted in one warning). An empty folder, or a
+Every image is decoded once when the folder is scanned (JPEGs at a reduced scale, which is cheap): a
+file that cannot be opened or decoded, a truncated JPEG included, is dropped with its caption, and all
+such files are named and counted in one warning. No item ever stands in for another. An image without
+a caption gets the empty caption (also counted in one warning). Captions are UTF-8: a caption file or
+``metadata.jsonl`` that is not stops with an error naming the file and where. An empty folder, or a
 caption column that no row of ``metadata.jsonl`` has, stops with an error that names the path.
 """
 
@@ -32,8 +35,16 @@ METADATA = "metadata.jsonl"
 CROPS = ("center", "random")
 
 
+WIDE_GREY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16-bit grey PNGs open as one of these
+WIDE_GREY_MAX = 65535  # scaled to 255: convert("RGB") alone would clip every value above 255 to white
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
-    """Any PIL mode -> RGB; transparency is composited onto white."""
+    """Any PIL mode -> RGB; transparency is composited onto white, 16-bit grey is scaled to 8 bits."""
+    if img.mode in WIDE_GREY_MODES:
+        wide = np.asarray(img, dtype=np.float64)  # (H, W) in 0..65535
+        grey = np.clip(np.round(wide * (255 / WIDE_GREY_MAX)), 0, 255).astype(np.uint8)
+        return Image.fromarray(grey, "L").convert("RGB")
     if img.mode == "P" and "transparency" in img.info:
         img = img.convert("RGBA")
     if img.mode in ("RGBA", "LA", "PA"):
@@ -58,13 +69,26 @@ def resize_crop(img: Image.Image, resolution: int, crop: str = "center",
     return img.crop((left, top, left + resolution, top + resolution))
 
 
-def _readable(path: Path) -> bool:
+def _decodable(path: Path, resolution: int) -> bool:
+    """True when the whole image decodes. A JPEG decodes at the smallest DCT scale that still covers
+    ``resolution`` (draft mode), which is cheap; a truncated file fails here, not in training."""
     try:
         with Image.open(path) as img:
-            img.verify()  # header and checksums, without decoding the pixels
+            img.draft("RGB", (resolution, resolution))  # a no-op for formats other than JPEG
+            img.load()
         return True
     except (OSError, UnidentifiedImageError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
+
+
+def read_text_utf8(path: Path) -> str:
+    """A caption file's text; a ValueError names the file and the byte where it stops being UTF-8."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path} is not UTF-8 text (byte {e.start}: {data[e.start:e.start + 4]!r}); "
+                         "save it as UTF-8") from None
 
 
 class FolderDataset(torch.utils.data.Dataset):
@@ -85,9 +109,9 @@ class FolderDataset(torch.utils.data.Dataset):
         entries = self._scan_metadata(meta) if meta.is_file() else self._scan_sidecars()
         if not entries:
             raise ValueError(f"no images (PNG, JPEG, WebP) found in {self.root}")
-        self.files, self.captions, self.skipped, self._failed = [], [], [], set()
+        self.files, self.captions, self.skipped = [], [], []
         for path, text in entries:
-            if _readable(path):
+            if _decodable(path, resolution):
                 self.files.append(path)
                 self.captions.append(text)
             else:
@@ -104,17 +128,16 @@ class FolderDataset(torch.utils.data.Dataset):
 
     def _scan_metadata(self, meta: Path) -> list[tuple[Path, str]]:
         rows = []
-        with open(meta) as f:
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{meta}, line {n}: not valid JSON ({e})") from None
-                if not isinstance(row, dict) or "file_name" not in row:
-                    raise ValueError(f"{meta}, line {n}: a row needs a 'file_name' entry")
-                rows.append(row)
+        for n, line in enumerate(read_text_utf8(meta).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{meta}, line {n}: not valid JSON ({e})") from None
+            if not isinstance(row, dict) or "file_name" not in row:
+                raise ValueError(f"{meta}, line {n}: a row needs a 'file_name' entry")
+            rows.append(row)
         if rows and not any(self.caption_column in r for r in rows):
             columns = sorted({k for r in rows for k in r if k != "file_name"})
             raise ValueError(f"{meta}: no row has the caption column {self.caption_column!r} "
@@ -130,7 +153,7 @@ class FolderDataset(torch.utils.data.Dataset):
         entries = []
         for path in sorted(p for p in self.root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()):
             txt = path.with_suffix(".txt")
-            entries.append((path, txt.read_text(errors="replace").strip() if txt.is_file() else ""))
+            entries.append((path, read_text_utf8(txt).strip() if txt.is_file() else ""))
         return entries
 
     def __len__(self) -> int:
@@ -148,21 +171,14 @@ class FolderDataset(torch.utils.data.Dataset):
     def get(self, i: int, rng: np.random.Generator | None = None) -> dict:
         """Item ``i``; ``rng`` draws the random crop and flip (a fixed generator per (seed, i) when None).
 
-        A file that passed the scan but fails to decode (a truncated JPEG) is skipped with a warning:
-        the next readable item stands in for it."""
+        Every file decoded when the folder was scanned; one that fails now was changed since, and is an
+        error naming it (another item never stands in: its caption would go with the wrong image)."""
         rng = rng if rng is not None else np.random.default_rng([self.seed, i])
-        for j in range(len(self.files)):
-            k = (i + j) % len(self.files)
-            try:
-                arr = np.asarray(self.load_image(k, rng))  # (R, R, 3) uint8
-            except (OSError, ValueError, SyntaxError) as e:
-                if self.files[k] not in self._failed:
-                    self._failed.add(self.files[k])
-                    warnings.warn(f"skipped unreadable image {self.files[k]} ({e}); "
-                                  f"{len(self._failed)} such file(s) so far", stacklevel=2)
-                continue
-            return {"image": to_tensor(arr.copy()), "text": self.captions[k]}
-        raise ValueError(f"none of the images in {self.root} could be decoded")
+        try:
+            arr = np.asarray(self.load_image(i, rng))  # (R, R, 3) uint8
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+            raise ValueError(f"{self.files[i]} no longer decodes ({e}); it did when {self.root} was scanned") from None
+        return {"image": to_tensor(arr.copy()), "text": self.captions[i]}
 
     def __getitem__(self, i: int) -> dict:
         return self.get(i)
