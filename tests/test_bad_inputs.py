@@ -269,7 +269,7 @@ def test_a_truncated_jpeg_is_dropped_with_its_caption(tmp_path):
 def test_a_new_run_keeps_every_earlier_run(vae_run, tmp_path):
     out = tmp_path / "run"
     shutil.copytree(vae_run, out)
-    for n in range(2):
+    for _ in range(2):
         assert train_vae.main(["--out", str(out)] + TINY_VAE) == 0
     names = sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoints"))
     assert names == ["checkpoints", "checkpoints.previous", "checkpoints.previous.2"]
