@@ -166,13 +166,15 @@ def time_call(fn, dev: Device, budget_s: float) -> Timing:
     return Timing(statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends)) / 1e3, reps)
 
 
-def interleave(calls: dict, dev: Device, *, seconds: float, min_rounds: int, max_rounds: int) -> dict[str, list[float]]:
+def interleave(calls: dict, dev: Device, *, seconds: float, min_rounds: int, max_rounds: int,
+               warmup: bool = True) -> dict[str, list[float]]:
     """End to end: one call of each provider per round, the order rotating, each between two
     synchronizations on the wall clock, so that every provider sees the same stretch of the
-    machine's state (clocks, other processes). A warm-up call of each first. Stops after
-    ``seconds`` once ``min_rounds`` are done. Returns the seconds of every timed call."""
-    for call in calls.values():
-        call()
+    machine's state (clocks, other processes). A warm-up call of each first, unless the caller made
+    it. Stops after ``seconds`` once ``min_rounds`` are done. Returns the seconds of every timed call."""
+    if warmup:
+        for call in calls.values():
+            call()
     dev.sync()
     names, out = list(calls), {name: [] for name in calls}
     stop = time.monotonic() + seconds

@@ -19,6 +19,7 @@ The providers of one mode are timed in alternation, so all see the same stretch 
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from dataclasses import dataclass
 
@@ -140,6 +141,9 @@ def judge(errors: dict[str, dict[str, float]], baseline: str) -> dict[str, tuple
     (worst error / bound, a note), the bound being E2E_SLACK x the baseline's error + E2E_FLOOR."""
     out = {}
     for provider, errs in errors.items():
+        if isinstance(errs, str):  # the provider raised
+            out[provider] = (math.inf, errs)
+            continue
         ratios = {q: e / (E2E_SLACK * errors[baseline][q] + E2E_FLOOR) for q, e in errs.items()}
         worst = max(ratios, key=ratios.get)
         note = ", ".join(f"{q} {errs[q]:.2e} (baseline {errors[baseline][q]:.2e})" for q in errs)
@@ -168,7 +172,13 @@ def check_unet(models: dict, reference: nn.Module, cfg: UNetConfig, sizes: Sizes
         ref_out, ref_dx = run(reference, amp=False)
     errors = {}
     for name, model in models.items():
-        out, dx = run(model, amp=True)
+        try:
+            out, dx = run(model, amp=True)
+        except Exception as e:
+            if name == baseline:
+                raise
+            errors[name] = f"raised {short_error(e)}"
+            continue
         errors[name] = {"output": rel_l2(out, ref_out), "d/dx": rel_l2(dx, ref_dx)}
     return judge(errors, baseline)
 
@@ -190,7 +200,13 @@ def check_vae(models: dict, reference, cfg: VAEConfig, sizes: Sizes, dev: Device
         ref = run(reference, amp=False)
     errors = {}
     for name, model in models.items():
-        enc, dec = run(model, amp=True)
+        try:
+            enc, dec = run(model, amp=True)
+        except Exception as e:
+            if name == baseline:
+                raise
+            errors[name] = f"raised {short_error(e)}"
+            continue
         errors[name] = {"encode": rel_l2(enc, ref[0]), "decode": rel_l2(dec, ref[1])}
     return judge(errors, baseline)
 
@@ -274,7 +290,17 @@ def time_mode(rows: list[E2ERow], model_name: str, case: str, mode: str, calls: 
         if timed:
             clock.cut(f"{model_name} {mode}")
         return
-    runs = interleave(timed, dev, seconds=seconds, min_rounds=sizes.min_rounds, max_rounds=sizes.max_rounds)
+    for p, call in list(timed.items()):  # the warm-up call, where a provider that raises drops out
+        try:
+            call()
+        except Exception as e:
+            del timed[p]
+            mine[p].status = FAILED if p != BASELINE else SKIPPED
+            mine[p].note = f"raised {short_error(e)}"
+    if not timed:
+        return
+    runs = interleave(timed, dev, seconds=seconds, min_rounds=sizes.min_rounds, max_rounds=sizes.max_rounds,
+                      warmup=False)
     for p, times in runs.items():
         median = sorted(times)[len(times) // 2]
         mine[p].status, mine[p].ms, mine[p].rounds = PASS, median * 1e3, len(times)
