@@ -87,6 +87,19 @@ def measure_peaks(dev: Device, sizes: Sizes) -> Peaks:
                  f"device-to-device copy, medians, measured in this run")
 
 
+def quoted_peak(dev: Device) -> str | None:
+    """What the pytest suite's table (bench/conftest.py, quoted from the workplace's anchors or from
+    datasheets) says of this device, for comparison; None off a GPU or where pytest is missing."""
+    if dev.type != "cuda":
+        return None
+    try:
+        from bench.conftest import peak_for
+    except ImportError:
+        return None
+    peak = peak_for(dev.name)
+    return peak.describe() if peak else None
+
+
 def _derive(row: SpeedRow, seconds: float, flops: float, nbytes: float, peaks: Peaks, tensor_cores: bool) -> None:
     row.ms = seconds * 1e3
     row.tflops = flops / seconds / 1e12 if flops else None
@@ -105,8 +118,10 @@ def _speedups(rows: list[SpeedRow]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ attention
-SDPA_PINNED = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
-               "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}
+# getattr: a torch without one of these backends (cuDNN came last) leaves its column out
+SDPA_PINNED = {name: getattr(SDPBackend, attr) for name, attr in (
+    ("sdpa-flash", "FLASH_ATTENTION"), ("sdpa-cudnn", "CUDNN_ATTENTION"), ("sdpa-efficient", "EFFICIENT_ATTENTION"))
+    if hasattr(SDPBackend, attr)}
 
 
 def _sdpa(q, k, v, backend=None):
@@ -292,6 +307,10 @@ def run(dev: Device, clock: SectionClock, args) -> dict:
              "(triton.testing.do_bench's method), after a warm-up; each provider was checked against float64 "
              "first." if dev.type == "cuda" else
              "Dry run: CPU wall-clock medians of toy shapes, ours on PyTorch's path; the figures mean nothing."]
+    quoted = quoted_peak(dev)
+    if quoted:
+        notes.append(f"bench/conftest.py's table gives this device {quoted}; the figures here use the peaks "
+                     "measured above instead.")
     if not sizes.compile:
         notes.append("torch.compile not run in the dry run: its first compile takes ~15 s on a 2-core CPU.")
     rows = attention_rows(dev, sizes, peaks, clock, args.seed)
