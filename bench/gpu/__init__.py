@@ -9,7 +9,7 @@
 Writes ``DIR/gpu-report.md`` (failures first), ``DIR/gpu-report.json`` (every row) and
 ``DIR/gpu-report.png`` (speedups over each baseline); exits 1 when any check failed.
 
-Sections, each with a share of the time budget (``--budget-s``, default 480 s), cut short and said
+Sections, each with a share of the time budget (``--budget-s``, default 480 s, 60 in a dry run), cut short and said
 so rather than overrun:
 
 1. ``correctness``: the compiled Triton kernels (the interpreter in a dry run) against float64

@@ -35,6 +35,7 @@ LEARNING_RATE = 1e-4
 WARMUP_STEPS = 3  # compiles and autotunes: left out of the rate
 LOSS_WINDOW = 10  # steps averaged for the first and last loss
 SETUP_RESERVE_S = 0.25  # of the section's time kept for building the data and the model, at most
+MIN_RUN_FRACTION = 0.1  # a run shorter than this fraction of its length says nothing: cut instead
 
 
 @dataclass(frozen=True)
@@ -150,6 +151,10 @@ def run(dev: Device, clock: SectionClock, args) -> dict:
     sizes = SIZES["dry" if dev.dry_run else "gpu"]
     seconds = min(sizes.seconds, clock.left() * (1 - SETUP_RESERVE_S))
     result = TrainResult(sizes.preset, FAILED, batch=sizes.batch)
+    if seconds < sizes.seconds * MIN_RUN_FRACTION:
+        result.status, result.note = CUT, f"{max(0.0, clock.left()):.0f} s left of the budget: not run"
+        clock.cut("training run")
+        return {"result": result, "notes": []}
     torch.manual_seed(args.seed)
     images, captions, result.data = shapes_data(sizes, dev, args.seed)
     base_cfg = unet_config(sizes.preset)
