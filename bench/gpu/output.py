@@ -4,6 +4,7 @@ row, every note) and ``gpu-report.png`` (speedups over each baseline, drawn by `
 from __future__ import annotations
 
 import json
+import re
 from collections import defaultdict
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
@@ -96,10 +97,17 @@ def _correctness_md(sec: dict) -> list[str]:
         count = {s: sum(r["status"] == s for r in rs) for s in (PASS, FAILED, ERROR, SKIPPED)}
         lines.append(f"| {op} | {group} | {dtype} | {count[PASS]} | {count[FAILED] + count[ERROR]} | "
                      f"{count[SKIPPED]} | {_num(worst)} |")
-    odd = [r for r in rows if r["status"] != PASS]
-    if odd:
-        lines += ["", "Not passed:", "", "| op | case | status | worst / allowed | note |", "|---|---|---|---|---|"]
-        lines += [f"| {r['op']} | {r['case']} | {r['status']} | {_num(r['worst'])} | {r['note']} |" for r in odd]
+    failed = [r for r in rows if r["status"] in FAILING]
+    if failed:
+        lines += ["", "**Failed:**", "", "| op | case | status | worst / allowed | note |", "|---|---|---|---|---|"]
+        lines += [f"| {r['op']} | {r['case']} | {r['status']} | {_num(r['worst'])} | {r['note']} |" for r in failed]
+    skipped = defaultdict(list)  # one line per reason: the shapes in a message vary, the reason does not
+    for r in rows:
+        if r["status"] == SKIPPED:
+            skipped[(r["op"], re.sub(r"\(\d+(x\d+)+\)", "(...)", r["note"]))].append(r["case"])
+    if skipped:
+        lines += ["", "Skipped:", ""]
+        lines += [f"- {op}, {len(cases)} check(s), e.g. {cases[0]}: {note}" for (op, note), cases in skipped.items()]
     lines += ["", f"<details><summary>All {len(rows)} checks</summary>", "",
               "| op | group | case | status | worst / allowed | in | s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['op']} | {r['group']} | {r['case']} | {r['status']} | {_num(r['worst'])} | {r['worst_tensor']} | "

@@ -32,7 +32,7 @@ def version(package: str) -> str:
 
 def meta(dev, args) -> dict:
     detail = (f"{dev.sm_count} SMs, {dev.memory_bytes / 2**30:.0f} GiB, L2 {dev.l2_bytes / 2**20:.0f} MiB"
-              if dev.type == "cuda" else f"{dev.sm_count} CPU cores, {torch.get_num_threads()} torch threads")
+              if dev.type == "cuda" else f"{dev.sm_count} CPU cores, torch threads: {torch.get_num_threads()}")
     try:
         import triton
 
