@@ -29,7 +29,7 @@ import torch.nn as nn
 from autoencoder import VAE, VAE_CONFIGS, VAEConfig
 from bench.gpu.common import CUT, FAILED, PASS, SKIPPED, Device, E2ERow, SectionClock, free_memory, interleave, \
     off_call, rel_l2, short_error, unzero_
-from ldm.convert import unet_config_to_diffusers, unet_to_diffusers, vae_config_to_diffusers, vae_to_diffusers
+from ldm.sd_format import unet_config_to_diffusers, unet_to_diffusers, vae_config_to_diffusers, vae_to_diffusers
 from ldm.diffusion import Denoiser, NoiseSchedule, diffusion_loss
 from ldm.samplers import CFGDenoiser, get_sigmas, sample_dpmpp_2m
 from ldm.unet import UNet, UNetConfig, unet_config
