@@ -26,12 +26,14 @@ from ldm.diffusion import Denoiser, NoiseSchedule
 from ldm.errors import InputError
 from ldm.pretrained import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_NAME, file_digest, load_unet, load_vae
 from ldm.runlog import to_uint8_images
-from ldm.samplers import SAMPLERS, CFGDenoiser, get_sigmas
+from ldm.samplers import SAMPLERS, SIGMA_CAP, CFGDenoiser, get_sigmas
 from ldm.unet import UNet
 
 # How each sampler spaces its sigmas unless told: DDPM and DDIM on evenly spaced timesteps (1000
-# DDPM steps are then exactly Ho et al.'s chain), the ODE solvers on Karras et al.'s ramp.
-DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "karras", "euler": "karras"}
+# DDPM steps are then exactly Ho et al.'s chain), the ODE solvers on Karras et al.'s ramp, capped at
+# SIGMA_CAP (``get_sigmas``).
+DEFAULT_SPACING = {"ddpm": "uniform", "ddim": "uniform", "dpmpp_2m": "karras", "euler": "karras",
+                   "unipc": "karras"}
 SPACINGS = ("karras", "uniform")
 DEFAULT_STRENGTH = 0.6  # image-to-image: how much of the init image is redrawn when not told
 
@@ -286,7 +288,9 @@ def sampling_sigmas(schedule: NoiseSchedule, steps: int, sampler: str, spacing: 
         raise ValueError(f"unknown sigma spacing {spacing!r}; expected one of {SPACINGS}")
     if not 0.0 < strength <= 1.0:
         raise ValueError(f"strength must lie in (0, 1], got {strength}")
-    sigmas = get_sigmas(schedule, steps, karras=spacing == "karras", device=device)  # (steps + 1,)
+    karras = spacing == "karras"
+    sigmas = get_sigmas(schedule, steps, karras=karras, sigma_cap=SIGMA_CAP if karras else None,
+                        device=device)  # (steps + 1,)
     keep = max(1, round(strength * steps))
     return sigmas[steps - keep:]  # (keep + 1,)
 

@@ -86,10 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
                            f"(default {DEFAULT_STRENGTH})")
     how = p.add_argument_group("sampler")
     how.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                     help="default: unet.json's (dpmpp_2m, DPM-Solver++ 2M, when it names none)")
+                     help="default: unet.json's (unipc, UniPC of order 3, when it names none)")
     how.add_argument("--steps", type=int, default=None, help="model calls (default: unet.json's)")
     how.add_argument("--spacing", choices=SPACINGS, default=None,
-                     help="sigma spacing (default: karras for dpmpp_2m and euler, uniform for ddpm and ddim)")
+                     help="sigma spacing (default: karras, capped at sigma 10, for unipc, dpmpp_2m and euler; "
+                          "uniform for ddpm and ddim)")
     how.add_argument("--cfg", type=float, default=None,
                      help="classifier-free guidance scale, 1 = none (default: unet.json's)")
     how.add_argument("--seed", type=int, default=0, help="image k starts from noise of seed + k (default 0)")

@@ -31,14 +31,14 @@ from ldm.distributed import Dist, weights_digest
 from ldm.errors import InputError
 from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_cache, validation_prompts
 from ldm.pipeline import Pipeline, generate
-from ldm.pretrained import TextEncoderSpec, UNetFile, load_vae, save_unet
+from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae, save_unet
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
                          sigterm_as_interrupt)
 from ldm.unet import UNet, UNetConfig, count_parameters, unet_config
 
 CREATED_BY = "ldm.train_unet"  # what unet.json says when this module wrote it
-SAMPLER = "dpmpp_2m"  # the validation grids' sampler and the exported default
+SAMPLER = DEFAULT_SAMPLER  # the validation grids' sampler and the exported default
 DATA_SEED = 0  # the built-in images are always this stream: the seed changes the run, not the data (or the cache)
 ADAMW_BETAS = (0.9, 0.999)
 EMA_WARMUP = 10  # decay(step) = min(ema_decay, (1 + step) / (EMA_WARMUP + step))
@@ -106,7 +106,7 @@ class TrainConfig:
     out: str = "runs/unet"
     ckpt_every: int = 250
     val_every: int = 200  # 0: only at the end
-    val_steps: int = 20  # DPM-Solver++(2M), Karras sigmas; also unet.json's default
+    val_steps: int = 20  # UniPC, capped Karras sigmas; also unet.json's default
     val_cfg: float = 2.0  # the validation grids' and the exported default guidance (2 > 3 > 5 at 1500 steps)
     log_every: int = 10
     eval: int = 0  # held-out built-in prompts scored at the end (ldm.metrics.evaluate_prompts)

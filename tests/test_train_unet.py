@@ -75,11 +75,11 @@ def test_text_run_writes_every_output_and_lowers_the_loss(assets):
     assert meta["latent_shape"] == [4, 4, 4] and meta["resolution"] == RESOLUTION
     assert meta["vae"] == str(Path(assets["vae"]).resolve())
     assert meta["val_prompts"] == [text for _, text in eval_prompts(training.DEMO.val_prompts, 0)]
-    assert meta["sampler"] == "dpmpp_2m" and meta["sample_steps"] == 2
+    assert meta["sampler"] == "unipc" and meta["sample_steps"] == 2
     assert meta["cfg_scale"] == training.DEMO.val_cfg
     assert meta["training"]["world_size"] == 1 and len(meta["training"]["weights_sha256"]) == 1
     scores = meta["eval"]  # --eval 4: eval_text's scores of the EMA model
-    assert scores["n"] == 4 and scores["sampler"] == "dpmpp_2m" and scores["steps"] == 2
+    assert scores["n"] == 4 and scores["sampler"] == "unipc" and scores["steps"] == 2
     assert all(0 <= scores[k] <= 1 for k in ("shape", "colour", "size", "position", "background", "all"))
     assert f"eval: shape+colour+position {100 * scores['shape+colour+position']:.1f}% of 4 prompts" in assets["stderr"]
     # the export is the EMA of the last checkpoint, which differs from the raw weights
