@@ -96,7 +96,7 @@ def test_default_prompts_sampler_and_guidance_come_from_unet_json(ckpt, tmp_path
     meta = json.loads((ckpt["unet"] / "unet.json").read_text())
     for i, p in enumerate(meta["val_prompts"]):
         assert f"row {i}: {p}" in err
-    assert f"(dpmpp_2m, {meta['sample_steps']} steps, cfg {meta['cfg_scale']}" in err
+    assert f"({meta['sampler']}, {meta['sample_steps']} steps, cfg {meta['cfg_scale']}" in err
     assert Image.open(tmp_path / "g.png").size[1] == SCALE * (len(meta["val_prompts"]) * (RESOLUTION + 2) + 2)
 
 
