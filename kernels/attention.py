@@ -32,11 +32,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import requested_backend, resolve_backend, triton_available, triton_interpreted
+from kernels.dispatch import (
+    ATTENTION_MAX_HEAD_DIM,
+    attention_triton_dtypes,
+    resolve_backend,
+    triton_available,
+    triton_interpreted,
+    triton_refusal,
+)
 
-MAX_HEAD_DIM = 256
-GPU_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernels take on a GPU
-INTERPRETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # and through the interpreter
+MAX_HEAD_DIM = ATTENTION_MAX_HEAD_DIM  # widest head dim of the Triton kernels (the CONFIGS row 512)
 LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
 INT32_MAX = 2**31 - 1
 
@@ -67,8 +72,6 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention: heads of q ({_shape(q)}) and k ({_shape(k)}) differ")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: head dim of q ({_shape(q)}) and k ({_shape(k)}) differ")
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim {q.shape[3]} of q ({_shape(q)}) exceeds {MAX_HEAD_DIM}")
     if k.shape[1] == 0:
         raise ValueError(f"attention: k ({_shape(k)}) has no keys")
     if key_lengths is not None:
@@ -566,7 +569,8 @@ class AttentionConfig:
 
 # One row per width of the head-dim chunks, BLOCK_D + TAIL_D (head_dim_chunks): a head dim takes the
 # first row at least as wide, so D <= 64 (SD: 40, run as 32 + 16) takes 64, 65..96 (SD: 80, as
-# 64 + 16) 96, 97..128 (padded to 128) 128, and 129..256 (SD: 160, as 128 + 32) 256. Every program's
+# 64 + 16) 96, 97..128 (padded to 128) 128, 129..256 (SD: 160, as 128 + 32) 256, and 257..512 (the SD
+# VAE's single 512-wide head; 320 as 256 + 64) 512. Every program's
 # tiles fit in registers (at most 255 per thread) and its pipelined K/V (or Q/dO) buffers in shared
 # memory (A100 164 KiB, H100 228 KiB per SM); `python -m kernels.inspect --kernel attn` builds each
 # row and shows no spills. kernels/attention.md gives the reasoning.
@@ -577,6 +581,9 @@ CONFIGS: dict[int, AttentionConfig] = {
     128: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
     256: AttentionConfig(fwd=BlockConfig(64, 64, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(64, 32, 8, 2),
                          dkdv_atomic=BlockConfig(16, 64, 8, 2)),
+    # 512 columns: the fp32 accumulator alone is BLOCK_M * 2 registers a thread at 8 warps, so 64
+    # queries stream 16 keys a step (255 registers on sm_80), 32 keys are held in dK/dV (attention.md)
+    512: AttentionConfig(fwd=BlockConfig(64, 16, 8, 2), dkdv=BlockConfig(16, 32, 8, 2), dq=BlockConfig(32, 32, 8, 2)),
 }
 PREPROCESS_ELEMENTS = 4096  # elements of O (and dO) per preprocess program: 32 per thread at 4 warps
 PREPROCESS_WARPS = 4
@@ -678,19 +685,18 @@ def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     """Input dtypes the Triton kernels take on ``device``. On a GPU, fp16 and bf16: exact fp32
     products cannot run on tensor cores (TF32 rounds them to 10 mantissa bits, 3xTF32 spills at
     every useful tile size, see attention.md), so fp32 goes to PyTorch's exact SDPA. The CPU
-    interpreter also takes fp32, which the tests use as a near-exact check of the algorithm."""
-    return GPU_DTYPES if device.type == "cuda" else INTERPRETER_DTYPES
+    interpreter also takes fp32, which the tests use as a near-exact check of the algorithm.
+    The rule lives in kernels.dispatch, which decides the backend."""
+    return attention_triton_dtypes(device)
 
 
 def _check_triton_call(**tensors: torch.Tensor) -> None:
-    """The dtype is one the kernels take here, and within one (batch, head) slice of every
-    (B, N, H, D) tensor the offsets n * stride_n + d * stride_d fit in int32."""
-    q = tensors["q"]
-    dtypes = triton_dtypes(q.device)
-    if q.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"attention: the Triton kernels take {names} on {q.device.type}, got {q.dtype} "
-                         f"for q ({_shape(q)}); use backend='torch'")
+    """The launchers' contract, by the rules dispatch decides with (dtype, head dim: triton_refusal),
+    and within one (batch, head) slice of every other (B, N, H, D) tensor the offsets
+    n * stride_n + d * stride_d fit in int32."""
+    why = triton_refusal("attention", tensors["q"], tensors["k"], tensors["v"])
+    if why is not None:
+        raise ValueError(f"attention: the Triton kernels {why}; use backend='torch'")
     for name, t in tensors.items():
         reach = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
         if reach > INT32_MAX:
@@ -880,7 +886,11 @@ class AttentionFunction(torch.autograd.Function):
 # PyTorch paths and the public entry
 # ----------------------------------------------------------------------------------------------
 
-def _attention_torch(q, k, v, scale, key_lengths):
+def _attention_triton(q, k, v, scale, key_lengths, deterministic=None):
+    return AttentionFunction.apply(q, k, v, scale, key_lengths, deterministic)
+
+
+def _attention_torch(q, k, v, scale, key_lengths, deterministic=None):
     mask = None
     if key_lengths is not None:
         mask = key_padding_mask(key_lengths, k.shape[1])[:, None, None, :]  # (B, 1, 1, Nk)
@@ -889,7 +899,7 @@ def _attention_torch(q, k, v, scale, key_lengths):
     return out.transpose(1, 2)  # (B, Nq, H, D)
 
 
-def _attention_xformers(q, k, v, scale, key_lengths):
+def _attention_xformers(q, k, v, scale, key_lengths, deterministic=None):
     import xformers.ops as xops
 
     bias = None
@@ -899,6 +909,9 @@ def _attention_xformers(q, k, v, scale, key_lengths):
         bias = torch.zeros(B, H, Nq, k.shape[1], device=q.device, dtype=q.dtype)
         bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+
+
+_IMPLEMENTATIONS = {"triton": _attention_triton, "torch": _attention_torch, "xformers": _attention_xformers}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -914,15 +927,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     check_attention_inputs(q, k, v, key_lengths)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    which = resolve_backend("attention", backend, q, k, v)
-    if which == "triton" and q.dtype not in triton_dtypes(q.device) \
-            and requested_backend("attention", backend) == "auto":
-        which = "torch"  # "auto" picks the fastest exact path: ours for fp16/bf16, SDPA for fp32 on a GPU
-    if which == "xformers":
-        return _attention_xformers(q, k, v, scale, key_lengths)
-    if which == "triton":
-        return AttentionFunction.apply(q, k, v, float(scale), key_lengths, deterministic)
-    return _attention_torch(q, k, v, scale, key_lengths)
+    run = _IMPLEMENTATIONS[resolve_backend("attention", backend, q, k, v)]  # dispatch decides, not this op
+    return run(q, k, v, float(scale), key_lengths, deterministic)
 
 
 class Attention(nn.Module):
@@ -969,7 +975,8 @@ class Attention(nn.Module):
 # Ahead-of-time builds for `python -m kernels.inspect`
 # ----------------------------------------------------------------------------------------------
 
-SD_HEAD_DIMS = {64: 40, 96: 80, 256: 160}  # the rows that serve the head dims of Stable Diffusion 1.x
+SD_HEAD_DIMS = {64: 40, 96: 80, 256: 160, 512: 512}  # the rows that serve the head dims of Stable Diffusion 1.x
+# (the UNet's 40, 80, 160 and the VAE's single 512-wide head)
 POW2_ROWS = (64, 128, 256)  # the rows built at their full power-of-two width
 
 
@@ -996,14 +1003,14 @@ def aot_specs() -> list:
     """What `python -m kernels.inspect` builds, with key lengths and 16-byte aligned rows (the variant
     contiguous, fused-QKV and heads-first layouts take):
     - bf16 (training) at the Stable Diffusion head dims 40, 80, 160 (main chunk plus tail; rows 64,
-      96, 256), every kernel: the forward, the preprocess (zeroing the dQ accumulator), the dK/dV
+      96, 256) and the VAE's 512, every kernel: the forward, the preprocess (zeroing the dQ accumulator), the dK/dV
       kernel three ways (writing dK, dV; writing fp32 partial sums for split queries; adding dQ
       with atomics) and the dQ kernel;
     - fp16 at the full power-of-two widths 64, 128, 256 (one chunk, the most registers rows 64, 128
       and 256 meet), the four kernels that run at every key length: forward, dK/dV, dK/dV with
-      atomic dQ, dQ.
-    30 specs, as many as before the head-dim split; every row is built at least once. fp16 and bf16
-    differ only in conversions (within 2 registers where both were built)."""
+      atomic dQ, dQ;
+    36 specs; every row is built at least once. fp16 and bf16 differ only in conversions (within 2
+    registers where both were built)."""
     from kernels.aot import AotSpec
 
     stats = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i32", "DQAcc": "*fp32"}

@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import requested_backend, resolve_backend
+from kernels.dispatch import GROUPNORM_DTYPES, resolve_backend, triton_refusal
 
 try:
     import triton
@@ -41,7 +41,7 @@ PARTIAL_BLOCK = 64       # partial statistics combined per step of the combine l
 REDUCE_TILE = 1024       # (channels x tiles) partial sums one program of the gradient reduction holds
 REDUCE_WARPS = 4         # 8 partial sums per thread per loaded array
 MAX_VECTOR = 8           # channels per vector load in channels_last (16 bytes of bf16)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = GROUPNORM_DTYPES  # the rule lives in kernels.dispatch, which decides the backend
 
 
 def check_group_norm_inputs(x, num_groups, weight, bias, shift) -> None:
@@ -510,24 +510,13 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _kernel_unsupported(x: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take x, or None when they can."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, got {x.dtype}"
-    if x.numel() == 0:
-        return f"x {tuple(x.shape)} is empty"
-    if x[0].numel() >= 2**31:
-        return f"one sample of x {tuple(x.shape)} has 2**31 elements or more (32-bit offsets)"
-    return None
-
-
 def _prepare(x: torch.Tensor, num_groups: int, weight, bias, shift, max_tile: int):
     """Validate, pick the memory layout (copying only an x that is neither NCHW nor channels_last)
     and the tiling. Returns (x in its layout, plan, shift as a contiguous (B, C) or x as a stand-in)."""
     check_group_norm_inputs(x, num_groups, weight, bias, shift)
-    why = _kernel_unsupported(x)
+    why = triton_refusal("groupnorm", x)  # the launchers' contract, by the rules dispatch decides with
     if why:
-        raise ValueError(f"group_norm: {why}")
+        raise ValueError(f"group_norm: the Triton kernel {why}")
     channels_last = _is_channels_last(x)
     x = _in_layout(x, channels_last)
     plan = plan_group_norm(x.shape, num_groups, channels_last, max_tile)
@@ -652,26 +641,27 @@ def _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift):
     return F.silu(y) if silu else y
 
 
+def _group_norm_triton(x, num_groups, weight, bias, eps, silu, shift):
+    return GroupNormFunction.apply(x, weight, bias, shift, num_groups, eps, silu)
+
+
+_IMPLEMENTATIONS = {"triton": _group_norm_triton, "torch": _group_norm_torch}
+
+
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = False, *,
                shift: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """GroupNorm over (C/G, *spatial) per group, then an optional SiLU. x (B, C, ...) -> same shape.
 
     ``shift`` (B, C) is added to x before the statistics are taken. Differentiable in x,
-    weight, bias and shift. The Triton path takes float16, bfloat16 and float32; "auto" sends other
-    dtypes (and empty tensors) to PyTorch, an explicit ``backend="triton"`` raises for them.
+    weight, bias and shift. ``kernels.dispatch.resolve_backend`` decides where it runs: the Triton
+    path takes float16, bfloat16 and float32; "auto" sends other dtypes (and empty tensors) to
+    PyTorch, an explicit ``backend="triton"`` raises for them.
     """
     check_group_norm_inputs(x, num_groups, weight, bias, shift)
     tensors = [t for t in (x, weight, bias, shift) if t is not None]
-    which = resolve_backend("groupnorm", backend, *tensors)
-    if which == "triton":
-        why = _kernel_unsupported(x)
-        if why is None:
-            return GroupNormFunction.apply(x, weight, bias, shift, num_groups, eps, silu)
-        if requested_backend("groupnorm", backend) == "triton":
-            raise ValueError(f"group_norm: {why}; use backend='torch'")
-    # xformers has no GroupNorm: its backend uses PyTorch's.
-    return _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift)
+    run = _IMPLEMENTATIONS[resolve_backend("groupnorm", backend, *tensors)]  # dispatch decides, not this op
+    return run(x, num_groups, weight, bias, eps, silu, shift)
 
 
 class GroupNormSiLU(nn.Module):

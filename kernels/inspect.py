@@ -5,7 +5,8 @@
 
 Columns: registers per thread, local memory per thread (anything above 0 is a spill or a stack
 array), shared memory per program, and the tensor-core instruction counts (HMMA on sm_80, HGMMA
-on sm_90). Exits 1 when any config spills or a matmul kernel has no tensor-core instruction.
+on sm_90). Exits 1 when any config spills, needs more shared memory than the chip gives one program
+(kernels.aot.MAX_SHARED_BYTES), or a matmul kernel has no tensor-core instruction.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
     if failed:
-        print(f"{failed} config(s) spill or miss tensor cores", file=sys.stderr)
+        print(f"{failed} config(s) spill, overflow shared memory or miss tensor cores", file=sys.stderr)
     return 1 if failed else 0
 
 
