@@ -17,7 +17,9 @@ a power of two run as a power-of-two chunk plus a power-of-two tail (40 = 32 + 1
 the roofline.
 
 Chain: ``_attn_fwd_kernel`` -> ``attention_forward`` and ``_attn_bwd_*_kernel`` ->
-``attention_backward`` -> ``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
+``attention_backward`` -> the custom ops ``ldm::attention_fwd`` / ``ldm::attention_bwd`` (fake
+implementations and autograd registered with torch.library, so torch.compile traces through them) ->
+``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
 dispatch in ``kernels.dispatch`` picks Triton on CUDA and PyTorch's ``scaled_dot_product_attention``
 elsewhere.
 """
@@ -864,22 +866,76 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees
+# ----------------------------------------------------------------------------------------------
+# The launchers are registered with torch.library as two opaque ops, ``ldm::attention_fwd`` and
+# ``ldm::attention_bwd``, each with a fake implementation (output shapes, dtypes and strides without
+# running anything), and the forward with its autograd (the backward op). A compiled model traces
+# through them without a graph break (PyTorch's guidance for user-defined Triton kernels). The
+# schemas are spelled out, so the ops register the same way on every torch from 2.4 on.
+
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        key_lengths: torch.Tensor | None,
+                        deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, key_lengths)  # (B, Nq, H, D), (B, H, Nq) fp32
+
+
+def _attention_fwd_fake(q, k, v, scale, key_lengths, deterministic):
+    B, Nq, H, D = q.shape
+    return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)  # contiguous, as the launcher's
+
+
+def _attention_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, scale: float, key_lengths: torch.Tensor | None,
+                        deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, scale, key_lengths, deterministic=deterministic)
+
+
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, key_lengths, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the launcher's
+
+
+attention_fwd_op = torch.library.custom_op(
+    "ldm::attention_fwd", _attention_fwd_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_lengths, bool? deterministic) -> (Tensor, Tensor)")
+attention_fwd_op.register_fake(_attention_fwd_fake)
+attention_bwd_op = torch.library.custom_op(
+    "ldm::attention_bwd", _attention_bwd_impl, mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, Tensor? key_lengths, "
+           "bool? deterministic) -> (Tensor, Tensor, Tensor)")
+attention_bwd_op.register_fake(_attention_bwd_fake)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, key_lengths, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+    ctx.scale, ctx.deterministic = scale, deterministic
+
+
+def _attention_grads(ctx, dout: torch.Tensor, dlse: torch.Tensor | None = None):
+    """Gradients for (q, k, v, scale, key_lengths, deterministic); the logsumexp is not differentiated."""
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, ctx.scale, key_lengths, ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd_op.register_autograd(_attention_grads, setup_context=_attention_setup_context)
+
+
 class AttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; gradients flow to q, k and v."""
+    """Autograd wrapper of the Triton kernels (through the custom ops); gradients flow to q, k and v."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, key_lengths, deterministic=None):
-        out, lse = attention_forward(q, k, v, scale, key_lengths)
-        ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-        ctx.scale, ctx.deterministic = scale, deterministic
+        out, lse = attention_fwd_op(q, k, v, scale, key_lengths, deterministic)
+        _attention_setup_context(ctx, (q, k, v, scale, key_lengths, deterministic), (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, key_lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths,
-                                        deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None
+        return _attention_grads(ctx, dout)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -41,10 +41,13 @@ def _check_name(backend: str, where: str) -> str:
     return backend
 
 
-@functools.cache
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it ships with Linux builds of PyTorch)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton imports (it ships with Linux builds of PyTorch). Looked up once, at import:
+    a plain read, which torch.compile traces without a cache wrapper to warn about."""
+    return _TRITON_FOUND
 
 
 @functools.cache

@@ -2,8 +2,10 @@
 
 ``y = silu(group_norm(x + shift[:, :, None, None]))``, the ResBlock's "add the timestep embedding,
 normalize, activate" in one op. Works on NCHW and channels_last tensors, any number of spatial
-dims. Chain: Triton kernels -> launchers -> ``GroupNormFunction`` -> ``group_norm()`` and the
-``GroupNormSiLU`` module, whose state dict is ``nn.GroupNorm``'s.
+dims. Chain: Triton kernels -> launchers -> custom ops ``ldm::group_norm_fwd`` / ``ldm::group_norm_bwd``
+(fake implementations and autograd registered with torch.library, for torch.compile) ->
+``GroupNormFunction`` -> ``group_norm()`` and the ``GroupNormSiLU`` module, whose state dict is
+``nn.GroupNorm``'s.
 
 How the kernels split the work (notes, bytes moved and roofline in ``kernels/groupnorm.md``):
 a group of ``CPG = C / G`` channels by ``HW`` spatial positions is cut into tiles of at most
@@ -615,23 +617,99 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, mean
 # ----------------------------------------------------------------------------------------------
 
 
+# Custom ops: what torch.compile sees. The launchers are registered with torch.library as two opaque
+# ops, ``ldm::group_norm_fwd`` and ``ldm::group_norm_bwd``, with fake implementations (shapes, dtypes,
+# strides: y and dx keep x's layout, NCHW or channels_last) and the forward's autograd, so a compiled
+# model traces through them without a graph break. Schemas are spelled out (same on torch >= 2.4).
+# An op cannot return None: the gradients the backward is not asked for come back as empty
+# placeholders, turned back into None by _group_norm_grads.
+
+def _layout_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor of x's shape in the layout the launchers give y and dx."""
+    perm = _channels_last_perm(x.dim()) if _is_channels_last(x) else tuple(range(x.dim()))
+    strides, step = [0] * x.dim(), 1
+    for d in reversed(perm):
+        strides[d] = step
+        step *= x.shape[d]
+    return tuple(strides)
+
+
+def _group_norm_fwd_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
+                         max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_norm_forward(x, num_groups, weight, bias, eps, silu, shift, max_tile=max_tile)
+
+
+def _group_norm_fwd_fake(x, weight, bias, shift, num_groups, eps, silu, max_tile):
+    dtype = x.dtype if shift is None else torch.promote_types(x.dtype, shift.dtype)
+    y = x.new_empty_strided(x.shape, _layout_strides(x), dtype=dtype)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)  # (B, G)
+    return y, stats, torch.empty_like(stats)
+
+
+def _group_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
+                         num_groups: int, silu: bool, max_tile: int,
+                         needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = group_norm_backward(dy, x, num_groups, mean, rstd, weight, bias, silu, shift, max_tile=max_tile,
+                                needs=tuple(needs))
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, shift, num_groups, silu, max_tile, needs):
+    dx = x.new_empty_strided(x.shape, _layout_strides(x)) if needs[0] else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if needs[1] and weight is not None else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if needs[2] and bias is not None else x.new_empty(0)
+    ds = shift.new_empty(shift.shape) if needs[3] and shift is not None else x.new_empty(0)
+    return dx, dw, db, ds
+
+
+group_norm_fwd_op = torch.library.custom_op(
+    "ldm::group_norm_fwd", _group_norm_fwd_impl, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int num_groups, float eps, bool silu, "
+           "int max_tile) -> (Tensor, Tensor, Tensor)")
+group_norm_fwd_op.register_fake(_group_norm_fwd_fake)
+group_norm_bwd_op = torch.library.custom_op(
+    "ldm::group_norm_bwd", _group_norm_bwd_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor? shift, "
+           "int num_groups, bool silu, int max_tile, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)")
+group_norm_bwd_op.register_fake(_group_norm_bwd_fake)
+
+
+def _group_norm_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, shift, num_groups, eps, silu, max_tile = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, shift, mean, rstd)
+    ctx.num_groups, ctx.silu, ctx.max_tile = num_groups, silu, max_tile
+
+
+def _group_norm_grads(ctx, dy: torch.Tensor, *_stats_grads):
+    """Gradients for (x, weight, bias, shift, num_groups, eps, silu, max_tile); mean and rstd are
+    not differentiated."""
+    x, weight, bias, shift, mean, rstd = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = group_norm_bwd_op(dy, x, mean, rstd, weight, bias, shift, ctx.num_groups, ctx.silu, ctx.max_tile, needs)
+    present = (True, weight is not None, bias is not None, shift is not None)
+    dx, dweight, dbias, dshift = (g if need and has else None for g, need, has in zip(grads, needs, present))
+    return dx, dweight, dbias, dshift, None, None, None, None
+
+
+group_norm_fwd_op.register_autograd(_group_norm_grads, setup_context=_group_norm_setup_context)
+
+
 class GroupNormFunction(torch.autograd.Function):
-    """Triton GroupNorm(+SiLU)(+shift). Saves x, the parameters and the (B, G) fp32 mean and rstd."""
+    """Triton GroupNorm(+SiLU)(+shift) through the custom ops. Saves x, the parameters and the (B, G)
+    fp32 mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, num_groups, eps, silu, max_tile=MAX_TILE):
-        y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, silu, shift, max_tile=max_tile)
-        ctx.save_for_backward(x, weight, bias, shift, mean, rstd)
-        ctx.num_groups, ctx.silu, ctx.max_tile = num_groups, silu, max_tile
+        y, mean, rstd = group_norm_fwd_op(x, weight, bias, shift, num_groups, float(eps), bool(silu), max_tile)
+        _group_norm_setup_context(ctx, (x, weight, bias, shift, num_groups, eps, silu, max_tile), (y, mean, rstd))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, shift, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias, dshift = group_norm_backward(
-            dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.silu, shift, max_tile=ctx.max_tile,
-            needs=tuple(ctx.needs_input_grad[:4]))
-        return dx, dweight, dbias, dshift, None, None, None, None
+        return _group_norm_grads(ctx, dy)
 
 
 def _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift):
