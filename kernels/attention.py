@@ -955,16 +955,29 @@ def _attention_torch(q, k, v, scale, key_lengths, deterministic=None):
     return out.transpose(1, 2)  # (B, Nq, H, D)
 
 
+XFORMERS_BIAS_ALIGN = 8  # xformers reads an attention bias in vectors: its rows must start on multiples of 8
+
+
+def xformers_key_bias(key_lengths: torch.Tensor, B: int, H: int, Nq: int, Nk: int, dtype: torch.dtype,
+                      device: torch.device | str) -> torch.Tensor:
+    """The additive bias xformers takes for padded keys: (B, H, Nq, Nk), 0 where a key is valid and
+    -inf past key_lengths[b]. xformers rejects a bias whose rows are not aligned (77 text tokens), so
+    it is a view of a (B, H, Nq, Nk rounded up to XFORMERS_BIAS_ALIGN) buffer: every row starts on a
+    multiple of 8 elements, and the padding columns are never read."""
+    padded = -(-Nk // XFORMERS_BIAS_ALIGN) * XFORMERS_BIAS_ALIGN
+    bias = torch.zeros(B, H, Nq, padded, device=device, dtype=dtype)[..., :Nk]  # (B, H, Nq, Nk) view
+    keep = key_padding_mask(key_lengths, Nk)  # (B, Nk)
+    return bias.masked_fill_(~keep[:, None, None, :], float("-inf"))
+
+
 def _attention_xformers(q, k, v, scale, key_lengths, deterministic=None):
     import xformers.ops as xops
 
     bias = None
     if key_lengths is not None:
         B, Nq, H, _ = q.shape
-        mask = key_padding_mask(key_lengths, k.shape[1])  # (B, Nk)
-        bias = torch.zeros(B, H, Nq, k.shape[1], device=q.device, dtype=q.dtype)
-        bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+        bias = xformers_key_bias(key_lengths, B, H, Nq, k.shape[1], q.dtype, q.device)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)  # (B, Nq, H, D) in and out
 
 
 _IMPLEMENTATIONS = {"triton": _attention_triton, "torch": _attention_torch, "xformers": _attention_xformers}

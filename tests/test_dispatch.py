@@ -229,3 +229,52 @@ def test_group_norm_module_shares_nn_groupnorm_state_dict(seed):
 def test_group_norm_bad_calls(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("Nk", [77, 8, 1, 13])
+def test_xformers_key_bias_rows_are_aligned(seed, Nk):
+    """The bias for padded keys: (B, H, Nq, Nk) with rows on multiples of 8 elements (a view of a
+    padded buffer, as xformers requires), 0 for valid keys and -inf for padded ones."""
+    from kernels.attention import XFORMERS_BIAS_ALIGN, xformers_key_bias
+
+    B, H, Nq = 3, 2, 5
+    lengths = torch.randint(1, Nk + 1, (B,))
+    bias = xformers_key_bias(lengths, B, H, Nq, Nk, torch.float16, "cpu")
+    assert bias.shape == (B, H, Nq, Nk) and bias.dtype == torch.float16 and bias.stride(-1) == 1
+    padded = -(-Nk // XFORMERS_BIAS_ALIGN) * XFORMERS_BIAS_ALIGN
+    assert bias.stride() == (H * Nq * padded, Nq * padded, padded, 1)
+    assert all(s % XFORMERS_BIAS_ALIGN == 0 for s in bias.stride()[:-1])
+    assert bias.data_ptr() % 16 == 0
+    keep = torch.arange(Nk)[None, :] < lengths[:, None]  # (B, Nk)
+    expected = torch.where(keep, 0.0, -math.inf)[:, None, None, :].expand(B, H, Nq, Nk)
+    assert torch.equal(bias.float(), expected)
+
+
+def test_xformers_path_hands_an_aligned_bias(seed, monkeypatch):
+    """With a stand-in for xformers.ops that checks the bias as xformers does (rows aligned to 8) and
+    computes attention in float64, the xformers path equals the reference (xformers is not installed
+    here and has no CPU kernels)."""
+    import types
+
+    from kernels.attention import XFORMERS_BIAS_ALIGN, _attention_xformers
+
+    seen = []
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, scale=None):
+        assert attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        assert attn_bias.stride(-2) % XFORMERS_BIAS_ALIGN == 0, f"unaligned bias strides {attn_bias.stride()}"
+        seen.append(attn_bias.stride())
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale + attn_bias.double()
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double()).to(q.dtype)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    q, k, v = torch.randn(2, 9, 2, 16), torch.randn(2, 77, 2, 16), torch.randn(2, 77, 2, 16)
+    lengths = torch.tensor([77, 12])
+    out = _attention_xformers(q, k, v, 0.25, lengths)
+    assert seen == [(2 * 9 * 80, 9 * 80, 80, 1)]
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v, 0.25, lengths), atol=1e-5, rtol=1e-5)
