@@ -37,6 +37,7 @@ class AotSpec:
     num_stages: int = 2
     uses_dot: bool = False           # holds tl.dot: must compile to tensor-core instructions
     aligned: tuple[str, ...] = ()    # runtime arguments the launcher guarantees divisible by 16
+    core: bool = True                # in the representative set tests/test_inspect.py builds (--core)
 
 
 @dataclass

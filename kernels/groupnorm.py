@@ -20,6 +20,7 @@ a fixed order: no atomics, the gradients are deterministic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -771,66 +772,90 @@ class GroupNormSiLU(nn.Module):
 # ahead-of-time compile list for ``python -m kernels.inspect``
 # ----------------------------------------------------------------------------------------------
 
-# What gets compiled, kept short so that both architectures build in well under a minute here:
-# every kernel in both layouts at the tile the planner picks at the largest SD shape (2 x 320 x 64 x 64:
-# NCHW one channel by 4096 positions, channels_last 256 positions by 16 channel lanes for CPG = 10),
-# and the unsplit path at its largest group (8 x 8 positions x 40 channels). Every tile holds MAX_TILE
-# elements, the most per thread the planner gives. Between dtypes the kernels differ only in loads,
-# stores and conversions: each kernel is built in at least two of fp16/bf16/fp32, the register-heaviest
-# config (channels_last, split) in both 2- and 4-byte types.
+# What gets compiled: every specialization the models reach. Tiles: in both layouts the tile the planner
+# picks at the largest SD shape (2 x 320 x 64 x 64: NCHW one channel by 4096 positions, channels_last 256
+# positions by 16 channel lanes for CPG = 10) for split groups, and the unsplit path at its largest group
+# (8 x 8 positions x 40 channels). Every tile holds MAX_TILE elements, the most per thread the planner
+# gives. Flags: SiLU on (ResBlocks) and off (the attention blocks' norms), timestep shift on (the UNet's
+# second ResBlock norm) and off; weight and bias always (every model norm is affine). dtypes bf16 and
+# fp32 (fp16 differs from bf16 only in conversions). ``core`` (tests/test_inspect.py) is the earlier
+# short list, every kernel with all flags on, plus the SiLU-off and shift-off builds of the NCHW split path.
 _AOT_TILES = {  # layout -> mode -> (BLOCK_S, BLOCK_C, CPG_ALIGN)
     "nchw": {"split": (4096, 1, 1), "whole": (64, 64, 1)},
     "nhwc": {"split": (256, 16, 2), "whole": (64, 64, 8)},     # CPG = 10: pairs; CPG = 40: 8 channels
 }
-_AOT_CASES = (  # (kernels, mode, dtype, layout)
-    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "bf16", "nchw"),
-    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "fp32", "nhwc"),
-    (("gn_fwd", "gn_bwd"), "split", "bf16", "nhwc"),
-    (("gn_fwd",), "whole", "fp16", "nchw"),
-    (("gn_bwd",), "whole", "fp16", "nhwc"),
-)
-_AOT_REDUCE = (("fp32", 1), ("bf16", PARTIAL_BLOCK))  # (gradient dtype, BLOCK_NS): unsplit, most tiles per step
+_AOT_CORE = {  # (kernel, mode, dtype, layout) built with all flags on in the representative set
+    *((k, "split", "bf16", "nchw") for k in ("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd")),
+    *((k, "split", "fp32", "nhwc") for k in ("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd")),
+    ("gn_fwd", "split", "bf16", "nhwc"), ("gn_bwd", "split", "bf16", "nhwc"),
+    ("gn_fwd", "whole", "bf16", "nchw"), ("gn_bwd", "whole", "fp32", "nhwc"),
+}
+_AOT_DTYPES = ("bf16", "fp32")
+
+
+def _aot_core(kernel: str, mode: str, dtype: str, layout: str, silu: bool, shift: bool) -> bool:
+    """In the representative set: _AOT_CORE with all flags on, and the bf16 NCHW split path with
+    one of SiLU and shift off."""
+    if silu and shift:
+        return (kernel, mode, dtype, layout) in _AOT_CORE
+    return mode == "split" and dtype == "bf16" and layout == "nchw" and silu != shift
+_AOT_REDUCE_NS = (1, PARTIAL_BLOCK)  # BLOCK_NS: unsplit, and the most tiles per step
 
 
 def aot_specs() -> list:
-    """The Triton kernels of this file x the configs the planner chooses, for ``python -m kernels.inspect``."""
+    """The Triton kernels of this file x every flag combination the models reach, for
+    ``python -m kernels.inspect`` (see the comment above _AOT_TILES)."""
     from kernels.aot import AotSpec
 
     dims = {"C": "i32", "HW": "i32", "G": "i32", "CPG": "i32", "NS": "i32", "n_chunks": "i32"}
-    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SHIFT=True, SILU=True)  # the most work per element
+    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True)
     specs = []
 
-    def add(kernel, config, fn, x_ptrs, f32_ptrs, dtype, constexprs, warps, ints=dims, extra=None):
+    def add(kernel, config, fn, x_ptrs, f32_ptrs, dtype, constexprs, warps, core, ints=dims, extra=None):
         sig = {**{n: f"*{dtype}" for n in x_ptrs}, **{n: "*fp32" for n in f32_ptrs}, **ints, **(extra or {})}
         # pointers come 16-byte aligned from torch; C and HW are multiples of 16 at the SD shapes,
         # CPG (10, 20, 40) and the tile counts are not
         aligned = tuple(x_ptrs) + tuple(f32_ptrs) + tuple(n for n in ("C", "HW") if n in ints)
-        specs.append(AotSpec(kernel, config, fn, sig, constexprs, num_warps=warps, aligned=aligned))
+        specs.append(AotSpec(kernel, config, fn, sig, constexprs, num_warps=warps, aligned=aligned, core=core))
 
     x_in = ("X", "W", "Bias", "Shift")
-    for kernels_, mode, dtype, layout in _AOT_CASES:
-        bs, bc, align = _AOT_TILES[layout][mode]
-        warps = max(1, min(8, bs * bc // (32 * ELEMS_PER_THREAD)))
-        tile = dict(CHANNELS_LAST=layout == "nhwc", CPG_ALIGN=align, BLOCK_S=bs, BLOCK_C=bc)
-        label = f"{dtype} {layout} {mode} S={bs} C={bc}" + (f" A={align}" if align > 1 else "") + f" w{warps}"
-        split = mode == "split"
-        if "gn_fwd_stats" in kernels_:
-            add("gn_fwd_stats", label, _gn_fwd_stats_kernel, ("X", "Shift"), ("PMean", "PM2"), dtype,
-                dict(tile, HAS_SHIFT=True), warps)
-        if "gn_fwd" in kernels_:
-            add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
-                dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, extra={"eps": "fp32"})
-        if "gn_bwd_stats" in kernels_:
-            add("gn_bwd_stats", label, _gn_bwd_stats_kernel, (*x_in, "DY"),
-                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p"), dtype, dict(tile, **flags), warps)
-        if "gn_bwd" in kernels_:
-            add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
-                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
-                dict(tile, **flags, STORE_DSHIFT=True, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps)
-    for dtype, block_ns in _AOT_REDUCE:
-        block_cr = REDUCE_TILE // block_ns
-        add("gn_bwd_reduce", f"{dtype} CR={block_cr} NS={block_ns} w{REDUCE_WARPS}", _gn_bwd_reduce_kernel,
-            ("DW", "DB", "DS"), ("DWp", "DBp", "DSp"), dtype,
-            dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SHIFT=True, BLOCK_CR=block_cr, BLOCK_NS=block_ns),
-            REDUCE_WARPS, ints={"B": "i32", "C": "i32", "NS": "i32"})
+    for layout, modes in _AOT_TILES.items():
+        for mode, (bs, bc, align) in modes.items():
+            warps = max(1, min(8, bs * bc // (32 * ELEMS_PER_THREAD)))
+            tile = dict(CHANNELS_LAST=layout == "nhwc", CPG_ALIGN=align, BLOCK_S=bs, BLOCK_C=bc)
+            split = mode == "split"
+            for dtype in _AOT_DTYPES:
+                for silu in (True, False):
+                    for shift in (True, False):
+                        label = (f"{dtype} {layout} {mode} {'silu' if silu else 'nosilu'} "
+                                 f"{'shift' if shift else 'noshift'} S={bs} C={bc}"
+                                 + (f" A={align}" if align > 1 else "") + f" w{warps}")
+
+                        flags = dict(affine, HAS_SHIFT=shift, SILU=silu)
+                        core = functools.partial(_aot_core, mode=mode, dtype=dtype, layout=layout, silu=silu,
+                                                 shift=shift)
+                        if split and silu:  # the statistics kernel has no SiLU flag: built once per shift
+                            add("gn_fwd_stats", label.replace(" silu", ""), _gn_fwd_stats_kernel, ("X", "Shift"),
+                                ("PMean", "PM2"), dtype, dict(tile, HAS_SHIFT=shift), warps,
+                                _aot_core("gn_fwd_stats", mode, dtype, layout, True, shift))
+                        add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
+                            dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, core("gn_fwd"),
+                            extra={"eps": "fp32"})
+                        if split:
+                            add("gn_bwd_stats", label, _gn_bwd_stats_kernel, (*x_in, "DY"),
+                                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p"), dtype, dict(tile, **flags), warps,
+                                core("gn_bwd_stats"))
+                        add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
+                            ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
+                            dict(tile, **flags, STORE_DSHIFT=shift, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps,
+                            core("gn_bwd"))
+    for dtype in _AOT_DTYPES:
+        for block_ns in _AOT_REDUCE_NS:
+            for shift in (True, False):
+                block_cr = REDUCE_TILE // block_ns
+                add("gn_bwd_reduce", f"{dtype} {'shift' if shift else 'noshift'} CR={block_cr} NS={block_ns} "
+                    f"w{REDUCE_WARPS}", _gn_bwd_reduce_kernel, ("DW", "DB", "DS"), ("DWp", "DBp", "DSp"), dtype,
+                    dict(affine, HAS_SHIFT=shift, BLOCK_CR=block_cr, BLOCK_NS=block_ns), REDUCE_WARPS,
+                    core=shift and (dtype, block_ns) in (("fp32", 1), ("bf16", PARTIAL_BLOCK)),
+                    ints={"B": "i32", "C": "i32", "NS": "i32"})
     return specs

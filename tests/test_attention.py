@@ -21,6 +21,7 @@ from kernels.attention import (
     ATOMIC_DQ_MIN_KEYS,
     DETERMINISTIC_ENV,
     BlockConfig,
+    _align_rows,
     _rows_aligned,
     attention_backward,
     attention_forward,
@@ -205,7 +206,7 @@ def test_head_dims(seed, D, deterministic):
     check_against_reference(q, k, v, 1 / math.sqrt(D), torch.tensor([70, 9]), deterministic=deterministic)
 
 
-ROW_HEAD_DIMS = {64: 40, 96: 72, 128: 100, 256: 136, 512: 512}  # a head dim that each row of CONFIGS serves
+ROW_HEAD_DIMS = {16: 8, 64: 40, 96: 72, 128: 100, 256: 136, 512: 512}  # a head dim that each row of CONFIGS serves
 
 
 def test_every_table_row_on_ragged_lengths(seed):
@@ -350,7 +351,7 @@ def test_low_precision_inputs_are_rounded_like_on_a_gpu(dtype):
     second half just above 0.5, where rounding to the dtype drops 0.4 of a spacing. Exactly, the
     output is (2p - 1) / (1 + p) > 0; with P rounded to 0.5 it is exactly 0."""
     B, Nq, Nk, H, D = 1, 16, 60, 1, 16  # one block of keys: one softmax pass, no rescaling
-    assert Nk <= CONFIGS[64].fwd.block_n
+    assert Nk <= CONFIGS[16].fwd.block_n == CONFIGS[64].fwd.block_n
     spacing = torch.finfo(dtype).eps / 2  # between representable values in [0.5, 1)
     p = 0.5 + 0.4 * spacing
     q, k, v = (torch.zeros(B, n, H, D, dtype=dtype) for n in (Nq, Nk, Nk))
@@ -472,8 +473,22 @@ def test_block_d_and_table():
         assert tail == 0 or (main < d and 4 * (main + tail) <= 3 * block_d(d)), (d, main, tail)  # saves >= 1/4
         width = min(w for w in CONFIGS if w >= main + tail)
         assert pick_config(d) is CONFIGS[width]
-    assert set(CONFIGS) == {64, 96, 128, 256, 512}
+    assert set(CONFIGS) == {16, 64, 96, 128, 256, 512}
     assert [pick_config(d) for d in (40, 80, 160, 512)] == [CONFIGS[64], CONFIGS[96], CONFIGS[256], CONFIGS[512]]
+
+
+def test_unaligned_rows_are_copied_where_that_aligns_them():
+    """A view whose rows are off 16 bytes is copied to contiguous rows when D * itemsize allows
+    alignment (the kernels then take their aligned build); aligned tensors and rows that no layout
+    aligns (D = 4 in fp16: 8 bytes) are passed as they are."""
+    q, k, v = make_qkv(1, 9, 9, 2, 40, torch.bfloat16, "unaligned")
+    assert not _rows_aligned(q) and not _rows_aligned(k, v)
+    copies = _align_rows(q, k, v)
+    assert _rows_aligned(*copies) and all(torch.equal(a, b) for a, b in zip(copies, (q, k, v)))
+    for layout, D in (("fused_qkv", 40), ("contiguous", 4)):
+        ts = make_qkv(1, 9, 9, 2, D, torch.float16, layout)
+        assert all(a is b for a, b in zip(_align_rows(*ts), ts))
+    assert not _rows_aligned(*make_qkv(1, 9, 9, 2, 4, torch.float16, "contiguous"))
 
 
 def test_triton_dtypes():
