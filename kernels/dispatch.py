@@ -127,7 +127,7 @@ def _groupnorm_refusal(gpu: bool, x: torch.Tensor, *params: torch.Tensor) -> str
         return f"takes float16, bfloat16 or float32, got {x.dtype} for x ({_shape(x)})"
     if x.numel() == 0:
         return f"takes no empty x ({_shape(x)})"
-    if x.dim() and x[0].numel() > INT32_MAX:
+    if x.dim() and x.numel() // x.shape[0] > INT32_MAX:  # sizes only: no tensor op for a traced graph
         return f"needs one sample of x ({_shape(x)}) within 2**31 elements (32-bit offsets)"
     return None
 
