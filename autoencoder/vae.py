@@ -24,7 +24,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import GroupNormSiLU, attention
-from kernels.attention import MAX_HEAD_DIM
 
 
 @dataclass
@@ -150,10 +149,7 @@ class Attention(nn.Module):
         q = self.q(h).view(B, N, self.heads, D)  # (B, N, heads, D)
         k = self.k(h).view(B, N, self.heads, D)
         v = self.v(h).view(B, N, self.heads, D)
-        if D <= MAX_HEAD_DIM:
-            o = attention(q, k, v)  # (B, N, heads, D)
-        else:  # SD's single 512-wide head is past what the fused kernel takes
-            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        o = attention(q, k, v)  # (B, N, heads, D); kernels.dispatch picks the implementation, any head dim
         o = self.out(o.reshape(B, N, C))  # (B, N, C)
         return x + o.view(B, H, W, C).permute(0, 3, 1, 2)  # (B, C, H, W), channels_last strides
 

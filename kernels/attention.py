@@ -17,7 +17,9 @@ a power of two run as a power-of-two chunk plus a power-of-two tail (40 = 32 + 1
 the roofline.
 
 Chain: ``_attn_fwd_kernel`` -> ``attention_forward`` and ``_attn_bwd_*_kernel`` ->
-``attention_backward`` -> ``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
+``attention_backward`` -> the custom ops ``ldm::attention_fwd`` / ``ldm::attention_bwd`` (fake
+implementations and autograd registered with torch.library, so torch.compile traces through them) ->
+``AttentionFunction`` -> ``attention()`` and the ``Attention`` module; the
 dispatch in ``kernels.dispatch`` picks Triton on CUDA and PyTorch's ``scaled_dot_product_attention``
 elsewhere.
 """
@@ -32,11 +34,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import requested_backend, resolve_backend, triton_available, triton_interpreted
+from kernels.dispatch import (
+    ATTENTION_MAX_HEAD_DIM,
+    attention_triton_dtypes,
+    resolve_backend,
+    triton_available,
+    triton_interpreted,
+    triton_refusal,
+)
 
-MAX_HEAD_DIM = 256
-GPU_DTYPES = (torch.float16, torch.bfloat16)  # what the Triton kernels take on a GPU
-INTERPRETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # and through the interpreter
+MAX_HEAD_DIM = ATTENTION_MAX_HEAD_DIM  # widest head dim of the Triton kernels (the CONFIGS row 512)
 LOG2E = math.log2(math.e)  # exp(x) == exp2(x * LOG2E)
 INT32_MAX = 2**31 - 1
 
@@ -67,8 +74,6 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention: heads of q ({_shape(q)}) and k ({_shape(k)}) differ")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"attention: head dim of q ({_shape(q)}) and k ({_shape(k)}) differ")
-    if q.shape[3] > MAX_HEAD_DIM:
-        raise ValueError(f"attention: head dim {q.shape[3]} of q ({_shape(q)}) exceeds {MAX_HEAD_DIM}")
     if k.shape[1] == 0:
         raise ValueError(f"attention: k ({_shape(k)}) has no keys")
     if key_lengths is not None:
@@ -565,18 +570,31 @@ class AttentionConfig:
 
 
 # One row per width of the head-dim chunks, BLOCK_D + TAIL_D (head_dim_chunks): a head dim takes the
-# first row at least as wide, so D <= 64 (SD: 40, run as 32 + 16) takes 64, 65..96 (SD: 80, as
-# 64 + 16) 96, 97..128 (padded to 128) 128, and 129..256 (SD: 160, as 128 + 32) 256. Every program's
+# first row at least as wide, so D <= 16 (the tiny UNet's 4 and 8) takes 16, 17..64 (SD: 40, run as
+# 32 + 16) 64, 65..96 (SD: 80, as 64 + 16) 96, 97..128 (padded to 128) 128, 129..256 (SD: 160, as
+# 128 + 32) 256, and 257..512 (the SD VAE's single 512-wide head; 320 as 256 + 64) 512. Every program's
 # tiles fit in registers (at most 255 per thread) and its pipelined K/V (or Q/dO) buffers in shared
-# memory (A100 164 KiB, H100 228 KiB per SM); `python -m kernels.inspect --kernel attn` builds each
-# row and shows no spills. kernels/attention.md gives the reasoning.
+# memory (A100 163 KiB, H100 227 KiB per program); `python -m kernels.inspect --kernel attn` builds
+# every row at every specialization the models reach and shows no spills. kernels/attention.md gives
+# the reasoning.
 CONFIGS: dict[int, AttentionConfig] = {
+    # 16 columns (D <= 16: the tiny UNet's 4 and 8): the 64 row's tiles, but 3 stages for dK/dV and dQ and
+    # 64 queries a step with atomic dQ: at 2 stages ptxas parked one register on the stack around the
+    # loop of the D = 8 dQ and split dK/dV kernels and the D = 4 unaligned atomic one (4 bytes of spill
+    # stores at 80 to 128 registers, sm_80); these build clean at every flag (attention.md)
+    16: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 3), dq=BlockConfig(128, 64, 8, 3),
+                        dkdv_atomic=BlockConfig(64, 128, 8, 2)),
     64: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 128, 8, 2), dq=BlockConfig(128, 64, 8, 2),
                         dkdv_atomic=BlockConfig(32, 128, 8, 2)),
     96: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(32, 128, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
     128: AttentionConfig(fwd=BlockConfig(128, 64, 8, 3), dkdv=BlockConfig(64, 64, 8, 2), dq=BlockConfig(128, 32, 8, 2)),
     256: AttentionConfig(fwd=BlockConfig(64, 64, 8, 2), dkdv=BlockConfig(32, 32, 8, 2), dq=BlockConfig(64, 32, 8, 2),
                          dkdv_atomic=BlockConfig(16, 64, 8, 2)),
+    # 512 columns: the fp32 accumulator alone is BLOCK_M * 2 registers a thread at 8 warps, so 64
+    # queries stream 16 keys a step (255 registers on sm_80), 32 keys are held in dK/dV, 16 with atomic
+    # dQ (32 spilled without key lengths on sm_90 and with split queries on sm_80; attention.md)
+    512: AttentionConfig(fwd=BlockConfig(64, 16, 8, 2), dkdv=BlockConfig(16, 32, 8, 2), dq=BlockConfig(32, 32, 8, 2),
+                         dkdv_atomic=BlockConfig(16, 16, 8, 2)),
 }
 PREPROCESS_ELEMENTS = 4096  # elements of O (and dO) per preprocess program: 32 per thread at 4 warps
 PREPROCESS_WARPS = 4
@@ -678,19 +696,18 @@ def triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
     """Input dtypes the Triton kernels take on ``device``. On a GPU, fp16 and bf16: exact fp32
     products cannot run on tensor cores (TF32 rounds them to 10 mantissa bits, 3xTF32 spills at
     every useful tile size, see attention.md), so fp32 goes to PyTorch's exact SDPA. The CPU
-    interpreter also takes fp32, which the tests use as a near-exact check of the algorithm."""
-    return GPU_DTYPES if device.type == "cuda" else INTERPRETER_DTYPES
+    interpreter also takes fp32, which the tests use as a near-exact check of the algorithm.
+    The rule lives in kernels.dispatch, which decides the backend."""
+    return attention_triton_dtypes(device)
 
 
 def _check_triton_call(**tensors: torch.Tensor) -> None:
-    """The dtype is one the kernels take here, and within one (batch, head) slice of every
-    (B, N, H, D) tensor the offsets n * stride_n + d * stride_d fit in int32."""
-    q = tensors["q"]
-    dtypes = triton_dtypes(q.device)
-    if q.dtype not in dtypes:
-        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"attention: the Triton kernels take {names} on {q.device.type}, got {q.dtype} "
-                         f"for q ({_shape(q)}); use backend='torch'")
+    """The launchers' contract, by the rules dispatch decides with (dtype, head dim: triton_refusal),
+    and within one (batch, head) slice of every other (B, N, H, D) tensor the offsets
+    n * stride_n + d * stride_d fit in int32."""
+    why = triton_refusal("attention", tensors["q"], tensors["k"], tensors["v"])
+    if why is not None:
+        raise ValueError(f"attention: the Triton kernels {why}; use backend='torch'")
     for name, t in tensors.items():
         reach = (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3))
         if reach > INT32_MAX:
@@ -711,6 +728,9 @@ def _out_buffer(name: str, given: torch.Tensor | None, shape: tuple[int, ...], d
     return given
 
 
+_ALIGN_BYTES = 16  # row alignment that lets the kernels move 16 bytes per load (_tile_ptrs' hint)
+
+
 def _rows_aligned(*tensors: torch.Tensor) -> bool:
     """True when every (B, N, H, D) tensor has a contiguous last dim and each of its rows starts
     on a 16-byte boundary: the kernels may then load and store 16 bytes at a time (see _aligned).
@@ -721,6 +741,16 @@ def _rows_aligned(*tensors: torch.Tensor) -> bool:
         if any(n > 1 and s * t.element_size() % 16 for n, s in zip(t.shape[:-1], t.stride()[:-1], strict=True)):
             return False
     return True
+
+
+def _align_rows(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The tensors, each one whose rows are off 16 bytes (a view at an odd offset, a strided head
+    dim) copied to contiguous memory where that aligns it (D * itemsize a multiple of 16). One pass
+    over that tensor buys the aligned kernels: 16-byte loads, and no unaligned build of the wide
+    kernels, whose per-element addresses spill (the dK/dV kernels at D >= 32 on sm_80, attention.md).
+    Rows that no layout can align (D = 4 in 16-bit: 8-byte rows) run the unaligned build."""
+    return tuple(t if _rows_aligned(t) or t.shape[-1] * t.element_size() % _ALIGN_BYTES else t.contiguous()
+                 for t in tensors)
 
 
 def _key_lengths_i32(key_lengths: torch.Tensor | None) -> torch.Tensor | None:
@@ -749,6 +779,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: 
     Nk = k.shape[1]
     out = _out_buffer("out", out, (B, Nq, H, D), q.dtype, q.device)
     _check_triton_call(q=q, k=k, v=v, out=out)
+    q, k, v = _align_rows(q, k, v)
     lse = _out_buffer("lse", lse, (B, H, Nq), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
@@ -802,6 +833,7 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     else:
         acc_args = (None, 0, 0, 0, 1)  # no accumulator: the kernels compile its code out
     _check_triton_call(q=q, k=k, v=v, out=out, dout=dout, dq=dq)
+    q, k, v, out, dout = _align_rows(q, k, v, out, dout)
     if dk.numel() == 0:
         return dq, dk, dv
     if Nq == 0:  # no query looks at any key
@@ -858,29 +890,87 @@ def attention_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: 
     return dq, dk, dv
 
 
+# ----------------------------------------------------------------------------------------------
+# Custom ops: what torch.compile sees
+# ----------------------------------------------------------------------------------------------
+# The launchers are registered with torch.library as two opaque ops, ``ldm::attention_fwd`` and
+# ``ldm::attention_bwd``, each with a fake implementation (output shapes, dtypes and strides without
+# running anything), and the forward with its autograd (the backward op). A compiled model traces
+# through them without a graph break (PyTorch's guidance for user-defined Triton kernels). The
+# schemas are spelled out, so the ops register the same way on every torch from 2.4 on.
+
+def _attention_fwd_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                        key_lengths: torch.Tensor | None,
+                        deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor]:
+    return attention_forward(q, k, v, scale, key_lengths)  # (B, Nq, H, D), (B, H, Nq) fp32
+
+
+def _attention_fwd_fake(q, k, v, scale, key_lengths, deterministic):
+    B, Nq, H, D = q.shape
+    return q.new_empty((B, Nq, H, D)), q.new_empty((B, H, Nq), dtype=torch.float32)  # contiguous, as the launcher's
+
+
+def _attention_bwd_impl(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                        lse: torch.Tensor, scale: float, key_lengths: torch.Tensor | None,
+                        deterministic: bool | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return attention_backward(dout, q, k, v, out, lse, scale, key_lengths, deterministic=deterministic)
+
+
+def _attention_bwd_fake(dout, q, k, v, out, lse, scale, key_lengths, deterministic):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as the launcher's
+
+
+attention_fwd_op = torch.library.custom_op(
+    "ldm::attention_fwd", _attention_fwd_impl, mutates_args=(),
+    schema="(Tensor q, Tensor k, Tensor v, float scale, Tensor? key_lengths, bool? deterministic) -> (Tensor, Tensor)")
+attention_fwd_op.register_fake(_attention_fwd_fake)
+attention_bwd_op = torch.library.custom_op(
+    "ldm::attention_bwd", _attention_bwd_impl, mutates_args=(),
+    schema="(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, float scale, Tensor? key_lengths, "
+           "bool? deterministic) -> (Tensor, Tensor, Tensor)")
+attention_bwd_op.register_fake(_attention_bwd_fake)
+
+
+def _attention_setup_context(ctx, inputs, output) -> None:
+    q, k, v, scale, key_lengths, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, key_lengths)
+    ctx.scale, ctx.deterministic = scale, deterministic
+
+
+def _attention_grads(ctx, dout: torch.Tensor, dlse: torch.Tensor | None = None):
+    """Gradients for (q, k, v, scale, key_lengths, deterministic); the logsumexp is not differentiated."""
+    q, k, v, out, lse, key_lengths = ctx.saved_tensors
+    dq, dk, dv = attention_bwd_op(dout, q, k, v, out, lse, ctx.scale, key_lengths, ctx.deterministic)
+    return dq, dk, dv, None, None, None
+
+
+attention_fwd_op.register_autograd(_attention_grads, setup_context=_attention_setup_context)
+
+
 class AttentionFunction(torch.autograd.Function):
-    """Autograd wrapper of the Triton kernels; gradients flow to q, k and v."""
+    """Autograd wrapper of the Triton kernels (through the custom ops); gradients flow to q, k and v."""
 
     @staticmethod
     def forward(ctx, q, k, v, scale, key_lengths, deterministic=None):
-        out, lse = attention_forward(q, k, v, scale, key_lengths)
-        ctx.save_for_backward(q, k, v, out, lse, key_lengths)
-        ctx.scale, ctx.deterministic = scale, deterministic
+        out, lse = attention_fwd_op(q, k, v, scale, key_lengths, deterministic)
+        _attention_setup_context(ctx, (q, k, v, scale, key_lengths, deterministic), (out, lse))
         return out
 
     @staticmethod
     def backward(ctx, dout):
-        q, k, v, out, lse, key_lengths = ctx.saved_tensors
-        dq, dk, dv = attention_backward(dout, q, k, v, out, lse, ctx.scale, key_lengths,
-                                        deterministic=ctx.deterministic)
-        return dq, dk, dv, None, None, None
+        return _attention_grads(ctx, dout)
 
 
 # ----------------------------------------------------------------------------------------------
 # PyTorch paths and the public entry
 # ----------------------------------------------------------------------------------------------
 
-def _attention_torch(q, k, v, scale, key_lengths):
+def _attention_triton(q, k, v, scale, key_lengths, deterministic=None):
+    return AttentionFunction.apply(q, k, v, scale, key_lengths, deterministic)
+
+
+def _attention_torch(q, k, v, scale, key_lengths, deterministic=None):
     mask = None
     if key_lengths is not None:
         mask = key_padding_mask(key_lengths, k.shape[1])[:, None, None, :]  # (B, 1, 1, Nk)
@@ -889,16 +979,32 @@ def _attention_torch(q, k, v, scale, key_lengths):
     return out.transpose(1, 2)  # (B, Nq, H, D)
 
 
-def _attention_xformers(q, k, v, scale, key_lengths):
+XFORMERS_BIAS_ALIGN = 8  # xformers reads an attention bias in vectors: its rows must start on multiples of 8
+
+
+def xformers_key_bias(key_lengths: torch.Tensor, B: int, H: int, Nq: int, Nk: int, dtype: torch.dtype,
+                      device: torch.device | str) -> torch.Tensor:
+    """The additive bias xformers takes for padded keys: (B, H, Nq, Nk), 0 where a key is valid and
+    -inf past key_lengths[b]. xformers rejects a bias whose rows are not aligned (77 text tokens), so
+    it is a view of a (B, H, Nq, Nk rounded up to XFORMERS_BIAS_ALIGN) buffer: every row starts on a
+    multiple of 8 elements, and the padding columns are never read."""
+    padded = -(-Nk // XFORMERS_BIAS_ALIGN) * XFORMERS_BIAS_ALIGN
+    bias = torch.zeros(B, H, Nq, padded, device=device, dtype=dtype)[..., :Nk]  # (B, H, Nq, Nk) view
+    keep = key_padding_mask(key_lengths, Nk)  # (B, Nk)
+    return bias.masked_fill_(~keep[:, None, None, :], float("-inf"))
+
+
+def _attention_xformers(q, k, v, scale, key_lengths, deterministic=None):
     import xformers.ops as xops
 
     bias = None
     if key_lengths is not None:
         B, Nq, H, _ = q.shape
-        mask = key_padding_mask(key_lengths, k.shape[1])  # (B, Nk)
-        bias = torch.zeros(B, H, Nq, k.shape[1], device=q.device, dtype=q.dtype)
-        bias.masked_fill_(~mask[:, None, None, :], float("-inf"))
-    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)
+        bias = xformers_key_bias(key_lengths, B, H, Nq, k.shape[1], q.dtype, q.device)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias, scale=scale)  # (B, Nq, H, D) in and out
+
+
+_IMPLEMENTATIONS = {"triton": _attention_triton, "torch": _attention_torch, "xformers": _attention_xformers}
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
@@ -914,15 +1020,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float
     check_attention_inputs(q, k, v, key_lengths)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    which = resolve_backend("attention", backend, q, k, v)
-    if which == "triton" and q.dtype not in triton_dtypes(q.device) \
-            and requested_backend("attention", backend) == "auto":
-        which = "torch"  # "auto" picks the fastest exact path: ours for fp16/bf16, SDPA for fp32 on a GPU
-    if which == "xformers":
-        return _attention_xformers(q, k, v, scale, key_lengths)
-    if which == "triton":
-        return AttentionFunction.apply(q, k, v, float(scale), key_lengths, deterministic)
-    return _attention_torch(q, k, v, scale, key_lengths)
+    run = _IMPLEMENTATIONS[resolve_backend("attention", backend, q, k, v)]  # dispatch decides, not this op
+    return run(q, k, v, float(scale), key_lengths, deterministic)
 
 
 class Attention(nn.Module):
@@ -969,8 +1068,13 @@ class Attention(nn.Module):
 # Ahead-of-time builds for `python -m kernels.inspect`
 # ----------------------------------------------------------------------------------------------
 
-SD_HEAD_DIMS = {64: 40, 96: 80, 256: 160}  # the rows that serve the head dims of Stable Diffusion 1.x
-POW2_ROWS = (64, 128, 256)  # the rows built at their full power-of-two width
+# Head dims the models run, with whether they meet key lengths (cross-attention against padded text;
+# the VAE has self-attention only): the UNet presets tiny (4, 8), small (32, 64), sd15 (40, 80, 160),
+# the VAE presets tiny (64), small (256), f4 and sd (512).
+MODEL_HEAD_DIMS = {4: True, 8: True, 32: True, 40: True, 64: True, 80: True, 160: True, 256: False, 512: False}
+SD_HEAD_DIMS = (40, 80, 160, 512)  # Stable Diffusion 1.x: the UNet's three and the VAE's single head
+POW2_ROWS = (64, 128, 256)  # the rows built at their full power-of-two width (fp16; 128 serves no model)
+AOT_DTYPE = "bf16"  # the training dtype; fp16 builds differ only in conversions (within 2 registers)
 
 
 def _aot_signature(fn, dtype: str, pointers: dict[str, str], constexprs: dict) -> tuple[dict, dict]:
@@ -992,55 +1096,86 @@ def _aot_signature(fn, dtype: str, pointers: dict[str, str], constexprs: dict) -
     return signature, consts
 
 
+def _can_align(head_dim: int, itemsize: int = 2) -> bool:
+    """Whether rows of (B, N, H, D) tensors can start on 16 bytes (D * itemsize a multiple of 16). The
+    launchers copy unaligned views to contiguous rows where this holds (_align_rows), so the unaligned
+    build runs only for head dims where it does not: D = 4 in 16-bit."""
+    return head_dim * itemsize % _ALIGN_BYTES == 0
+
+
+def aot_variants() -> list[tuple[str, int, bool, bool, bool]]:
+    """Every (dtype, D, key lengths, aligned, core) specialization the models can reach: each head
+    dim of MODEL_HEAD_DIMS without key lengths (self-attention) and, where it meets cross-attention,
+    with them; aligned rows where D allows (the launchers align every other layout by a copy), else
+    unaligned (D = 4). ``core`` marks the representative subset tests/test_inspect.py builds: every
+    kernel at the SD head dims as the SD models run them (40, 80, 160 with key lengths, the VAE's
+    512 without), the tiny UNet's unaligned D = 4, and fp16 at the power-of-two rows."""
+    variants = []
+    for D, cross in MODEL_HEAD_DIMS.items():
+        for has_kl in ((False, True) if cross else (False,)):
+            aligned = _can_align(D)
+            core = (D in SD_HEAD_DIMS and has_kl == cross) or (D == 4 and has_kl)
+            variants.append((AOT_DTYPE, D, has_kl, aligned, core))
+    variants += [("fp16", width, True, True, True) for width in POW2_ROWS]
+    return variants
+
+
 def aot_specs() -> list:
-    """What `python -m kernels.inspect` builds, with key lengths and 16-byte aligned rows (the variant
-    contiguous, fused-QKV and heads-first layouts take):
-    - bf16 (training) at the Stable Diffusion head dims 40, 80, 160 (main chunk plus tail; rows 64,
-      96, 256), every kernel: the forward, the preprocess (zeroing the dQ accumulator), the dK/dV
-      kernel three ways (writing dK, dV; writing fp32 partial sums for split queries; adding dQ
-      with atomics) and the dQ kernel;
-    - fp16 at the full power-of-two widths 64, 128, 256 (one chunk, the most registers rows 64, 128
-      and 256 meet), the four kernels that run at every key length: forward, dK/dV, dK/dV with
-      atomic dQ, dQ.
-    30 specs, as many as before the head-dim split; every row is built at least once. fp16 and bf16
-    differ only in conversions (within 2 registers where both were built)."""
+    """What `python -m kernels.inspect` builds: every specialization of aot_variants() (head dim, key
+    lengths on / off, aligned / unaligned rows), each with every kernel: the forward; the dK/dV kernel
+    four ways (writing dK, dV; writing fp32 partial sums for split queries; adding dQ with atomics;
+    both); the dQ kernel; and per (D, aligned) the preprocess with and without zeroing the dQ
+    accumulator. fp16 builds the power-of-two rows (128 serves no model head dim) with the kernels
+    that run at every key length. Specs marked ``core`` (AotSpec.core) are the representative set."""
     from kernels.aot import AotSpec
 
     stats = {"Lse": "*fp32", "Delta": "*fp32", "KeyLengths": "*i32", "DQAcc": "*fp32"}
     fp32_parts = {"DK": "*fp32", "DV": "*fp32"}
     specs = []
-    builds = [("bf16", D) for D in SD_HEAD_DIMS.values()] + [("fp16", width) for width in POW2_ROWS]
-    for dtype, D in builds:
+    preprocess_built = set()
+    for dtype, D, has_kl, aligned, core in aot_variants():
         row = pick_config(D)
         BD, TD = head_dim_chunks(D)
-        common = dict(HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, HAS_KEY_LENGTHS=True, ALIGNED=True, UPCAST=False)
+        common = dict(HEAD_DIM=D, BLOCK_D=BD, TAIL_D=TD, HAS_KEY_LENGTHS=has_kl, ALIGNED=aligned, UPCAST=False)
         one = {"Q_SPLITS": 1}  # each program writes its keys' dK, dV
         deterministic = {"ATOMIC_DQ": False, "DQAcc": None}
+        no_kl = {} if has_kl else {"KeyLengths": None}
         variants = [  # name, kernel, config, pointer types, constexprs
             ("attn_fwd", _attn_fwd_kernel, row.fwd, {}, {}),
             ("attn_bwd_dkdv", _attn_bwd_dkdv_kernel, row.dkdv, {}, {**one, **deterministic}),
             ("attn_bwd_dkdv_split", _attn_bwd_dkdv_kernel, row.dkdv, fp32_parts, deterministic),
             ("attn_bwd_dkdv_atomic", _attn_bwd_dkdv_kernel, row.dkdv_with_dq, {}, {**one, "ATOMIC_DQ": True}),
+            ("attn_bwd_dkdv_split_atomic", _attn_bwd_dkdv_kernel, row.dkdv_with_dq, fp32_parts, {"ATOMIC_DQ": True}),
             ("attn_bwd_dq", _attn_bwd_dq_kernel, row.dq, {}, {}),
         ]
         if dtype == "fp16":
-            variants = [v for v in variants if v[0] != "attn_bwd_dkdv_split"]
+            variants = [v for v in variants if "split" not in v[0]]
+        flags = f"{'kl' if has_kl else 'nokl'} {'al' if aligned else 'unal'}"
+        chunks = f"{BD}+{TD}" if TD else f"{BD}"
         for kernel, fn, cfg, pointers, extra in variants:
-            consts = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra)
+            consts = dict(common, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, **extra, **no_kl)
             signature, consts = _aot_signature(fn, dtype, {**stats, **pointers}, consts)
-            aligned = [n for n, t in signature.items() if t.startswith("*") and n != "KeyLengths"]
-            if "Q_SPLITS" in extra:
-                aligned.append("stride_dks")  # 0 when each program writes its keys' dK, dV itself
-            chunks = f"{BD}+{TD}" if TD else f"{BD}"
-            specs.append(AotSpec(kernel, f"{dtype} D={D} ({chunks}) {cfg.label()}", fn, signature, consts,
-                                 cfg.num_warps, cfg.num_stages, uses_dot=True, aligned=tuple(aligned)))
-        if dtype == "bf16":
-            pre_d = block_d(D)
-            pre_m = preprocess_block_m(pre_d)
+            hinted = []
+            if aligned:
+                hinted = [n for n, t in signature.items() if t.startswith("*") and n != "KeyLengths"]
+                if "Q_SPLITS" in extra:
+                    hinted.append("stride_dks")  # 0 when each program writes its keys' dK, dV itself
+            specs.append(AotSpec(kernel, f"{dtype} D={D} ({chunks}) {flags} {cfg.label()}", fn, signature, consts,
+                                 cfg.num_warps, cfg.num_stages, uses_dot=True, aligned=tuple(hinted), core=core))
+        if dtype == "fp16" or (D, aligned) in preprocess_built:
+            continue
+        preprocess_built.add((D, aligned))
+        pre_d = block_d(D)
+        pre_m = preprocess_block_m(pre_d)
+        for zero in (True, False):  # with atomic dQ (zeroes the accumulator) and without
             signature, consts = _aot_signature(
                 _attn_bwd_preprocess_kernel, dtype, stats,
-                dict(HEAD_DIM=D, BLOCK_D=pre_d, BLOCK_M=pre_m, ZERO_DQ_ACC=True, ALIGNED=True))
-            specs.append(AotSpec("attn_bwd_preprocess", f"{dtype} D={D} BM={pre_m} w{PREPROCESS_WARPS}",
-                                 _attn_bwd_preprocess_kernel, signature, consts, PREPROCESS_WARPS,
-                                 aligned=tuple(n for n, t in signature.items() if t.startswith("*"))))
+                dict(HEAD_DIM=D, BLOCK_D=pre_d, BLOCK_M=pre_m, ZERO_DQ_ACC=zero, ALIGNED=aligned,
+                     **({} if zero else {"DQAcc": None})))
+            hinted = tuple(n for n, t in signature.items() if t.startswith("*")) if aligned else ()
+            specs.append(AotSpec("attn_bwd_preprocess",
+                                 f"{dtype} D={D} {'zero' if zero else 'nozero'} {'al' if aligned else 'unal'} "
+                                 f"BM={pre_m} w{PREPROCESS_WARPS}",
+                                 _attn_bwd_preprocess_kernel, signature, consts, PREPROCESS_WARPS, aligned=hinted,
+                                 core=core))
     return specs

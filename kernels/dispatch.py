@@ -6,10 +6,12 @@ Precedence, highest first:
      to flip whole models between our kernels and PyTorch);
   3. the environment: ``LDM_ATTENTION_BACKEND`` / ``LDM_GROUPNORM_BACKEND`` for one op,
      ``LDM_BACKEND`` for every op;
-  4. ``"auto"``: Triton when every tensor is on a CUDA device and Triton imports, PyTorch otherwise.
+  4. ``"auto"``: Triton when every tensor is on a CUDA device, Triton imports and the kernels take
+     the inputs (dtype; head dim up to 512 for attention), PyTorch otherwise.
 
-Models never branch on the device themselves; they call ``kernels.attention`` and
-``kernels.group_norm`` and this module picks.
+This is the only place that decides. ``kernels.attention`` and ``kernels.group_norm`` run the
+implementation ``resolve_backend`` names (a forced backend that cannot take the inputs raises here,
+in one line); models never branch on the device, dtype or head dim themselves.
 """
 
 from __future__ import annotations
@@ -39,10 +41,13 @@ def _check_name(backend: str, where: str) -> str:
     return backend
 
 
-@functools.cache
+_TRITON_FOUND = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    """True when Triton imports (it ships with Linux builds of PyTorch)."""
-    return importlib.util.find_spec("triton") is not None
+    """True when Triton imports (it ships with Linux builds of PyTorch). Looked up once, at import:
+    a plain read, which torch.compile traces without a cache wrapper to warn about."""
+    return _TRITON_FOUND
 
 
 @functools.cache
@@ -78,12 +83,86 @@ def requested_backend(op: str, backend: str = "auto") -> str:
     return "auto"
 
 
+# What the Triton kernels take. The launchers check their inputs against the same rules (through
+# triton_refusal), so a forced backend and a direct launcher call fail with the same message.
+ATTENTION_GPU_DTYPES = (torch.float16, torch.bfloat16)  # exact fp32 cannot use the tensor cores (attention.md)
+ATTENTION_INTERPRETER_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # the interpreter multiplies exactly
+ATTENTION_MAX_HEAD_DIM = 512  # widest row of kernels.attention.CONFIGS (the SD VAE's single 512-wide head)
+GROUPNORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+INT32_MAX = 2**31 - 1  # the kernels index within one (batch, head) slice or one sample in int32
+
+
+def _on_cuda(tensors: tuple[torch.Tensor, ...]) -> bool:
+    return all(t.is_cuda for t in tensors)
+
+
+def _shape(t: torch.Tensor) -> str:
+    return "x".join(str(s) for s in t.shape) if t.dim() else "scalar"
+
+
+def attention_triton_dtypes(device: torch.device) -> tuple[torch.dtype, ...]:
+    """Input dtypes the Triton attention takes on ``device``: fp16 and bf16 on a GPU, fp32 as well
+    through the CPU interpreter (the tests' near-exact check of the algorithm)."""
+    return ATTENTION_GPU_DTYPES if device.type == "cuda" else ATTENTION_INTERPRETER_DTYPES
+
+
+def _attention_refusal(gpu: bool, q: torch.Tensor, *kv: torch.Tensor) -> str | None:
+    dtypes = attention_triton_dtypes(torch.device("cuda" if gpu else "cpu"))
+    if q.dtype not in dtypes:
+        names = ", ".join(str(d).removeprefix("torch.") for d in dtypes)
+        return f"takes {names} on {'cuda' if gpu else 'cpu'}, got {q.dtype} for q ({_shape(q)})"
+    if q.dim() != 4:  # a probe (bench, tests) rather than a (B, N, H, D) input: dtype and device only
+        return None
+    if q.shape[3] > ATTENTION_MAX_HEAD_DIM:
+        return f"takes head dims up to {ATTENTION_MAX_HEAD_DIM}, got {q.shape[3]} for q ({_shape(q)})"
+    for name, t in zip("qkv", (q, *kv)):
+        if t.dim() == 4 and (t.shape[1] - 1) * abs(t.stride(1)) + (t.shape[3] - 1) * abs(t.stride(3)) > INT32_MAX:
+            return f"cannot index q, k, v: one (batch, head) slice of {name} ({_shape(t)}, strides " \
+                   f"{t.stride()}) spans more than 2**31 elements"
+    return None
+
+
+def _groupnorm_refusal(gpu: bool, x: torch.Tensor, *params: torch.Tensor) -> str | None:
+    if x.dtype not in GROUPNORM_DTYPES:
+        return f"takes float16, bfloat16 or float32, got {x.dtype} for x ({_shape(x)})"
+    if x.numel() == 0:
+        return f"takes no empty x ({_shape(x)})"
+    if x.dim() and x.numel() // x.shape[0] > INT32_MAX:  # sizes only: no tensor op for a traced graph
+        return f"needs one sample of x ({_shape(x)}) within 2**31 elements (32-bit offsets)"
+    return None
+
+
+_REFUSALS = {"attention": _attention_refusal, "groupnorm": _groupnorm_refusal}
+
+
+def triton_refusal(op: str, *tensors: torch.Tensor, gpu: bool | None = None) -> str | None:
+    """Why the Triton kernels of ``op`` cannot take these inputs (dtype, head dim, size), or None.
+    ``tensors`` are the op's inputs in order: q, k, v for attention; x, then the parameters, for
+    group norm; ``gpu``: judge them for a GPU (default: whether they are on one) or for the CPU
+    interpreter. Device and installation are resolve_backend's business."""
+    if op not in OPS:
+        raise ValueError(f"unknown op {op!r}; expected one of {OPS}")
+    if not tensors:
+        return None
+    return _REFUSALS[op](_on_cuda(tensors) if gpu is None else gpu, *tensors)
+
+
 def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
-    """Name the implementation that runs ``op`` on ``tensors``: "triton", "torch" or "xformers"."""
+    """The one place that decides which implementation runs ``op`` on ``tensors`` (its inputs, in
+    order: q, k, v for attention, x and the parameters for group norm): "triton", "torch" or
+    "xformers". The ops run what this returns; the models never decide.
+
+    ``auto`` picks Triton when every tensor is on a CUDA device, Triton imports and the kernels take
+    the inputs (dtype, head dim: triton_refusal), PyTorch otherwise. A forced backend that cannot run
+    raises one line: RuntimeError when it cannot run on this machine or device, ValueError when it
+    cannot take these inputs. xformers has no GroupNorm: asked for it, group norm runs PyTorch's.
+    """
     choice = requested_backend(op, backend)
-    on_cuda = all(t.is_cuda for t in tensors)
+    on_cuda = _on_cuda(tensors)
     if choice == "auto":
-        return "triton" if on_cuda and triton_available() else "torch"
+        if on_cuda and triton_available() and triton_refusal(op, *tensors, gpu=True) is None:
+            return "triton"
+        return "torch"
     if choice == "triton":
         if not triton_available():
             raise RuntimeError(f"{op}: backend 'triton' was asked for but Triton is not installed")
@@ -93,9 +172,15 @@ def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
                 f"{op}: backend 'triton' needs CUDA tensors (got {devices}); "
                 "set TRITON_INTERPRET=1 to run Triton on the CPU through its interpreter"
             )
-    if choice == "xformers" and not xformers_available():
-        raise RuntimeError(f"{op}: backend 'xformers' was asked for but xformers cannot run here "
-                           "(it needs the package and a CUDA device)")
+        why = triton_refusal(op, *tensors, gpu=on_cuda)
+        if why is not None:
+            raise ValueError(f"{op}: backend 'triton' {why}; use backend='torch'")
+    if choice == "xformers":
+        if not xformers_available():
+            raise RuntimeError(f"{op}: backend 'xformers' was asked for but xformers cannot run here "
+                               "(it needs the package and a CUDA device)")
+        if op == "groupnorm":
+            return "torch"
     return choice
 
 

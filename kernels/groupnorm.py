@@ -2,8 +2,10 @@
 
 ``y = silu(group_norm(x + shift[:, :, None, None]))``, the ResBlock's "add the timestep embedding,
 normalize, activate" in one op. Works on NCHW and channels_last tensors, any number of spatial
-dims. Chain: Triton kernels -> launchers -> ``GroupNormFunction`` -> ``group_norm()`` and the
-``GroupNormSiLU`` module, whose state dict is ``nn.GroupNorm``'s.
+dims. Chain: Triton kernels -> launchers -> custom ops ``ldm::group_norm_fwd`` / ``ldm::group_norm_bwd``
+(fake implementations and autograd registered with torch.library, for torch.compile) ->
+``GroupNormFunction`` -> ``group_norm()`` and the ``GroupNormSiLU`` module, whose state dict is
+``nn.GroupNorm``'s.
 
 How the kernels split the work (notes, bytes moved and roofline in ``kernels/groupnorm.md``):
 a group of ``CPG = C / G`` channels by ``HW`` spatial positions is cut into tiles of at most
@@ -18,6 +20,7 @@ a fixed order: no atomics, the gradients are deterministic.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -25,7 +28,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels.dispatch import requested_backend, resolve_backend
+from kernels.dispatch import GROUPNORM_DTYPES, resolve_backend, triton_refusal
 
 try:
     import triton
@@ -41,7 +44,7 @@ PARTIAL_BLOCK = 64       # partial statistics combined per step of the combine l
 REDUCE_TILE = 1024       # (channels x tiles) partial sums one program of the gradient reduction holds
 REDUCE_WARPS = 4         # 8 partial sums per thread per loaded array
 MAX_VECTOR = 8           # channels per vector load in channels_last (16 bytes of bf16)
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+KERNEL_DTYPES = GROUPNORM_DTYPES  # the rule lives in kernels.dispatch, which decides the backend
 
 
 def check_group_norm_inputs(x, num_groups, weight, bias, shift) -> None:
@@ -510,24 +513,13 @@ def _device_guard(t: torch.Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-def _kernel_unsupported(x: torch.Tensor) -> str | None:
-    """Why the Triton kernels cannot take x, or None when they can."""
-    if x.dtype not in KERNEL_DTYPES:
-        return f"the Triton kernel takes float16, bfloat16 or float32, got {x.dtype}"
-    if x.numel() == 0:
-        return f"x {tuple(x.shape)} is empty"
-    if x[0].numel() >= 2**31:
-        return f"one sample of x {tuple(x.shape)} has 2**31 elements or more (32-bit offsets)"
-    return None
-
-
 def _prepare(x: torch.Tensor, num_groups: int, weight, bias, shift, max_tile: int):
     """Validate, pick the memory layout (copying only an x that is neither NCHW nor channels_last)
     and the tiling. Returns (x in its layout, plan, shift as a contiguous (B, C) or x as a stand-in)."""
     check_group_norm_inputs(x, num_groups, weight, bias, shift)
-    why = _kernel_unsupported(x)
+    why = triton_refusal("groupnorm", x)  # the launchers' contract, by the rules dispatch decides with
     if why:
-        raise ValueError(f"group_norm: {why}")
+        raise ValueError(f"group_norm: the Triton kernel {why}")
     channels_last = _is_channels_last(x)
     x = _in_layout(x, channels_last)
     plan = plan_group_norm(x.shape, num_groups, channels_last, max_tile)
@@ -626,23 +618,99 @@ def group_norm_backward(dy: torch.Tensor, x: torch.Tensor, num_groups: int, mean
 # ----------------------------------------------------------------------------------------------
 
 
+# Custom ops: what torch.compile sees. The launchers are registered with torch.library as two opaque
+# ops, ``ldm::group_norm_fwd`` and ``ldm::group_norm_bwd``, with fake implementations (shapes, dtypes,
+# strides: y and dx keep x's layout, NCHW or channels_last) and the forward's autograd, so a compiled
+# model traces through them without a graph break. Schemas are spelled out (same on torch >= 2.4).
+# An op cannot return None: the gradients the backward is not asked for come back as empty
+# placeholders, turned back into None by _group_norm_grads.
+
+def _layout_strides(x: torch.Tensor) -> tuple[int, ...]:
+    """Strides of a dense tensor of x's shape in the layout the launchers give y and dx."""
+    perm = _channels_last_perm(x.dim()) if _is_channels_last(x) else tuple(range(x.dim()))
+    strides, step = [0] * x.dim(), 1
+    for d in reversed(perm):
+        strides[d] = step
+        step *= x.shape[d]
+    return tuple(strides)
+
+
+def _group_norm_fwd_impl(x: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                         shift: torch.Tensor | None, num_groups: int, eps: float, silu: bool,
+                         max_tile: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return group_norm_forward(x, num_groups, weight, bias, eps, silu, shift, max_tile=max_tile)
+
+
+def _group_norm_fwd_fake(x, weight, bias, shift, num_groups, eps, silu, max_tile):
+    dtype = x.dtype if shift is None else torch.promote_types(x.dtype, shift.dtype)
+    y = x.new_empty_strided(x.shape, _layout_strides(x), dtype=dtype)
+    stats = x.new_empty((x.shape[0], num_groups), dtype=torch.float32)  # (B, G)
+    return y, stats, torch.empty_like(stats)
+
+
+def _group_norm_bwd_impl(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+                         weight: torch.Tensor | None, bias: torch.Tensor | None, shift: torch.Tensor | None,
+                         num_groups: int, silu: bool, max_tile: int,
+                         needs: list[bool]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    grads = group_norm_backward(dy, x, num_groups, mean, rstd, weight, bias, silu, shift, max_tile=max_tile,
+                                needs=tuple(needs))
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
+def _group_norm_bwd_fake(dy, x, mean, rstd, weight, bias, shift, num_groups, silu, max_tile, needs):
+    dx = x.new_empty_strided(x.shape, _layout_strides(x)) if needs[0] else x.new_empty(0)
+    dw = weight.new_empty(weight.shape) if needs[1] and weight is not None else x.new_empty(0)
+    db = bias.new_empty(bias.shape) if needs[2] and bias is not None else x.new_empty(0)
+    ds = shift.new_empty(shift.shape) if needs[3] and shift is not None else x.new_empty(0)
+    return dx, dw, db, ds
+
+
+group_norm_fwd_op = torch.library.custom_op(
+    "ldm::group_norm_fwd", _group_norm_fwd_impl, mutates_args=(),
+    schema="(Tensor x, Tensor? weight, Tensor? bias, Tensor? shift, int num_groups, float eps, bool silu, "
+           "int max_tile) -> (Tensor, Tensor, Tensor)")
+group_norm_fwd_op.register_fake(_group_norm_fwd_fake)
+group_norm_bwd_op = torch.library.custom_op(
+    "ldm::group_norm_bwd", _group_norm_bwd_impl, mutates_args=(),
+    schema="(Tensor dy, Tensor x, Tensor mean, Tensor rstd, Tensor? weight, Tensor? bias, Tensor? shift, "
+           "int num_groups, bool silu, int max_tile, bool[] needs) -> (Tensor, Tensor, Tensor, Tensor)")
+group_norm_bwd_op.register_fake(_group_norm_bwd_fake)
+
+
+def _group_norm_setup_context(ctx, inputs, output) -> None:
+    x, weight, bias, shift, num_groups, eps, silu, max_tile = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, shift, mean, rstd)
+    ctx.num_groups, ctx.silu, ctx.max_tile = num_groups, silu, max_tile
+
+
+def _group_norm_grads(ctx, dy: torch.Tensor, *_stats_grads):
+    """Gradients for (x, weight, bias, shift, num_groups, eps, silu, max_tile); mean and rstd are
+    not differentiated."""
+    x, weight, bias, shift, mean, rstd = ctx.saved_tensors
+    needs = [bool(n) for n in ctx.needs_input_grad[:4]]
+    grads = group_norm_bwd_op(dy, x, mean, rstd, weight, bias, shift, ctx.num_groups, ctx.silu, ctx.max_tile, needs)
+    present = (True, weight is not None, bias is not None, shift is not None)
+    dx, dweight, dbias, dshift = (g if need and has else None for g, need, has in zip(grads, needs, present))
+    return dx, dweight, dbias, dshift, None, None, None, None
+
+
+group_norm_fwd_op.register_autograd(_group_norm_grads, setup_context=_group_norm_setup_context)
+
+
 class GroupNormFunction(torch.autograd.Function):
-    """Triton GroupNorm(+SiLU)(+shift). Saves x, the parameters and the (B, G) fp32 mean and rstd."""
+    """Triton GroupNorm(+SiLU)(+shift) through the custom ops. Saves x, the parameters and the (B, G)
+    fp32 mean and rstd."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, shift, num_groups, eps, silu, max_tile=MAX_TILE):
-        y, mean, rstd = group_norm_forward(x, num_groups, weight, bias, eps, silu, shift, max_tile=max_tile)
-        ctx.save_for_backward(x, weight, bias, shift, mean, rstd)
-        ctx.num_groups, ctx.silu, ctx.max_tile = num_groups, silu, max_tile
+        y, mean, rstd = group_norm_fwd_op(x, weight, bias, shift, num_groups, float(eps), bool(silu), max_tile)
+        _group_norm_setup_context(ctx, (x, weight, bias, shift, num_groups, eps, silu, max_tile), (y, mean, rstd))
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, bias, shift, mean, rstd = ctx.saved_tensors
-        dx, dweight, dbias, dshift = group_norm_backward(
-            dy, x, ctx.num_groups, mean, rstd, weight, bias, ctx.silu, shift, max_tile=ctx.max_tile,
-            needs=tuple(ctx.needs_input_grad[:4]))
-        return dx, dweight, dbias, dshift, None, None, None, None
+        return _group_norm_grads(ctx, dy)
 
 
 def _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift):
@@ -652,26 +720,27 @@ def _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift):
     return F.silu(y) if silu else y
 
 
+def _group_norm_triton(x, num_groups, weight, bias, eps, silu, shift):
+    return GroupNormFunction.apply(x, weight, bias, shift, num_groups, eps, silu)
+
+
+_IMPLEMENTATIONS = {"triton": _group_norm_triton, "torch": _group_norm_torch}
+
+
 def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5, silu: bool = False, *,
                shift: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """GroupNorm over (C/G, *spatial) per group, then an optional SiLU. x (B, C, ...) -> same shape.
 
     ``shift`` (B, C) is added to x before the statistics are taken. Differentiable in x,
-    weight, bias and shift. The Triton path takes float16, bfloat16 and float32; "auto" sends other
-    dtypes (and empty tensors) to PyTorch, an explicit ``backend="triton"`` raises for them.
+    weight, bias and shift. ``kernels.dispatch.resolve_backend`` decides where it runs: the Triton
+    path takes float16, bfloat16 and float32; "auto" sends other dtypes (and empty tensors) to
+    PyTorch, an explicit ``backend="triton"`` raises for them.
     """
     check_group_norm_inputs(x, num_groups, weight, bias, shift)
     tensors = [t for t in (x, weight, bias, shift) if t is not None]
-    which = resolve_backend("groupnorm", backend, *tensors)
-    if which == "triton":
-        why = _kernel_unsupported(x)
-        if why is None:
-            return GroupNormFunction.apply(x, weight, bias, shift, num_groups, eps, silu)
-        if requested_backend("groupnorm", backend) == "triton":
-            raise ValueError(f"group_norm: {why}; use backend='torch'")
-    # xformers has no GroupNorm: its backend uses PyTorch's.
-    return _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift)
+    run = _IMPLEMENTATIONS[resolve_backend("groupnorm", backend, *tensors)]  # dispatch decides, not this op
+    return run(x, num_groups, weight, bias, eps, silu, shift)
 
 
 class GroupNormSiLU(nn.Module):
@@ -703,66 +772,90 @@ class GroupNormSiLU(nn.Module):
 # ahead-of-time compile list for ``python -m kernels.inspect``
 # ----------------------------------------------------------------------------------------------
 
-# What gets compiled, kept short so that both architectures build in well under a minute here:
-# every kernel in both layouts at the tile the planner picks at the largest SD shape (2 x 320 x 64 x 64:
-# NCHW one channel by 4096 positions, channels_last 256 positions by 16 channel lanes for CPG = 10),
-# and the unsplit path at its largest group (8 x 8 positions x 40 channels). Every tile holds MAX_TILE
-# elements, the most per thread the planner gives. Between dtypes the kernels differ only in loads,
-# stores and conversions: each kernel is built in at least two of fp16/bf16/fp32, the register-heaviest
-# config (channels_last, split) in both 2- and 4-byte types.
+# What gets compiled: every specialization the models reach. Tiles: in both layouts the tile the planner
+# picks at the largest SD shape (2 x 320 x 64 x 64: NCHW one channel by 4096 positions, channels_last 256
+# positions by 16 channel lanes for CPG = 10) for split groups, and the unsplit path at its largest group
+# (8 x 8 positions x 40 channels). Every tile holds MAX_TILE elements, the most per thread the planner
+# gives. Flags: SiLU on (ResBlocks) and off (the attention blocks' norms), timestep shift on (the UNet's
+# second ResBlock norm) and off; weight and bias always (every model norm is affine). dtypes bf16 and
+# fp32 (fp16 differs from bf16 only in conversions). ``core`` (tests/test_inspect.py) is the earlier
+# short list, every kernel with all flags on, plus the SiLU-off and shift-off builds of the NCHW split path.
 _AOT_TILES = {  # layout -> mode -> (BLOCK_S, BLOCK_C, CPG_ALIGN)
     "nchw": {"split": (4096, 1, 1), "whole": (64, 64, 1)},
     "nhwc": {"split": (256, 16, 2), "whole": (64, 64, 8)},     # CPG = 10: pairs; CPG = 40: 8 channels
 }
-_AOT_CASES = (  # (kernels, mode, dtype, layout)
-    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "bf16", "nchw"),
-    (("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd"), "split", "fp32", "nhwc"),
-    (("gn_fwd", "gn_bwd"), "split", "bf16", "nhwc"),
-    (("gn_fwd",), "whole", "fp16", "nchw"),
-    (("gn_bwd",), "whole", "fp16", "nhwc"),
-)
-_AOT_REDUCE = (("fp32", 1), ("bf16", PARTIAL_BLOCK))  # (gradient dtype, BLOCK_NS): unsplit, most tiles per step
+_AOT_CORE = {  # (kernel, mode, dtype, layout) built with all flags on in the representative set
+    *((k, "split", "bf16", "nchw") for k in ("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd")),
+    *((k, "split", "fp32", "nhwc") for k in ("gn_fwd_stats", "gn_fwd", "gn_bwd_stats", "gn_bwd")),
+    ("gn_fwd", "split", "bf16", "nhwc"), ("gn_bwd", "split", "bf16", "nhwc"),
+    ("gn_fwd", "whole", "bf16", "nchw"), ("gn_bwd", "whole", "fp32", "nhwc"),
+}
+_AOT_DTYPES = ("bf16", "fp32")
+
+
+def _aot_core(kernel: str, mode: str, dtype: str, layout: str, silu: bool, shift: bool) -> bool:
+    """In the representative set: _AOT_CORE with all flags on, and the bf16 NCHW split path with
+    one of SiLU and shift off."""
+    if silu and shift:
+        return (kernel, mode, dtype, layout) in _AOT_CORE
+    return mode == "split" and dtype == "bf16" and layout == "nchw" and silu != shift
+_AOT_REDUCE_NS = (1, PARTIAL_BLOCK)  # BLOCK_NS: unsplit, and the most tiles per step
 
 
 def aot_specs() -> list:
-    """The Triton kernels of this file x the configs the planner chooses, for ``python -m kernels.inspect``."""
+    """The Triton kernels of this file x every flag combination the models reach, for
+    ``python -m kernels.inspect`` (see the comment above _AOT_TILES)."""
     from kernels.aot import AotSpec
 
     dims = {"C": "i32", "HW": "i32", "G": "i32", "CPG": "i32", "NS": "i32", "n_chunks": "i32"}
-    flags = dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SHIFT=True, SILU=True)  # the most work per element
+    affine = dict(HAS_WEIGHT=True, HAS_BIAS=True)
     specs = []
 
-    def add(kernel, config, fn, x_ptrs, f32_ptrs, dtype, constexprs, warps, ints=dims, extra=None):
+    def add(kernel, config, fn, x_ptrs, f32_ptrs, dtype, constexprs, warps, core, ints=dims, extra=None):
         sig = {**{n: f"*{dtype}" for n in x_ptrs}, **{n: "*fp32" for n in f32_ptrs}, **ints, **(extra or {})}
         # pointers come 16-byte aligned from torch; C and HW are multiples of 16 at the SD shapes,
         # CPG (10, 20, 40) and the tile counts are not
         aligned = tuple(x_ptrs) + tuple(f32_ptrs) + tuple(n for n in ("C", "HW") if n in ints)
-        specs.append(AotSpec(kernel, config, fn, sig, constexprs, num_warps=warps, aligned=aligned))
+        specs.append(AotSpec(kernel, config, fn, sig, constexprs, num_warps=warps, aligned=aligned, core=core))
 
     x_in = ("X", "W", "Bias", "Shift")
-    for kernels_, mode, dtype, layout in _AOT_CASES:
-        bs, bc, align = _AOT_TILES[layout][mode]
-        warps = max(1, min(8, bs * bc // (32 * ELEMS_PER_THREAD)))
-        tile = dict(CHANNELS_LAST=layout == "nhwc", CPG_ALIGN=align, BLOCK_S=bs, BLOCK_C=bc)
-        label = f"{dtype} {layout} {mode} S={bs} C={bc}" + (f" A={align}" if align > 1 else "") + f" w{warps}"
-        split = mode == "split"
-        if "gn_fwd_stats" in kernels_:
-            add("gn_fwd_stats", label, _gn_fwd_stats_kernel, ("X", "Shift"), ("PMean", "PM2"), dtype,
-                dict(tile, HAS_SHIFT=True), warps)
-        if "gn_fwd" in kernels_:
-            add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
-                dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, extra={"eps": "fp32"})
-        if "gn_bwd_stats" in kernels_:
-            add("gn_bwd_stats", label, _gn_bwd_stats_kernel, (*x_in, "DY"),
-                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p"), dtype, dict(tile, **flags), warps)
-        if "gn_bwd" in kernels_:
-            add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
-                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
-                dict(tile, **flags, STORE_DSHIFT=True, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps)
-    for dtype, block_ns in _AOT_REDUCE:
-        block_cr = REDUCE_TILE // block_ns
-        add("gn_bwd_reduce", f"{dtype} CR={block_cr} NS={block_ns} w{REDUCE_WARPS}", _gn_bwd_reduce_kernel,
-            ("DW", "DB", "DS"), ("DWp", "DBp", "DSp"), dtype,
-            dict(HAS_WEIGHT=True, HAS_BIAS=True, HAS_SHIFT=True, BLOCK_CR=block_cr, BLOCK_NS=block_ns),
-            REDUCE_WARPS, ints={"B": "i32", "C": "i32", "NS": "i32"})
+    for layout, modes in _AOT_TILES.items():
+        for mode, (bs, bc, align) in modes.items():
+            warps = max(1, min(8, bs * bc // (32 * ELEMS_PER_THREAD)))
+            tile = dict(CHANNELS_LAST=layout == "nhwc", CPG_ALIGN=align, BLOCK_S=bs, BLOCK_C=bc)
+            split = mode == "split"
+            for dtype in _AOT_DTYPES:
+                for silu in (True, False):
+                    for shift in (True, False):
+                        label = (f"{dtype} {layout} {mode} {'silu' if silu else 'nosilu'} "
+                                 f"{'shift' if shift else 'noshift'} S={bs} C={bc}"
+                                 + (f" A={align}" if align > 1 else "") + f" w{warps}")
+
+                        flags = dict(affine, HAS_SHIFT=shift, SILU=silu)
+                        core = functools.partial(_aot_core, mode=mode, dtype=dtype, layout=layout, silu=silu,
+                                                 shift=shift)
+                        if split and silu:  # the statistics kernel has no SiLU flag: built once per shift
+                            add("gn_fwd_stats", label.replace(" silu", ""), _gn_fwd_stats_kernel, ("X", "Shift"),
+                                ("PMean", "PM2"), dtype, dict(tile, HAS_SHIFT=shift), warps,
+                                _aot_core("gn_fwd_stats", mode, dtype, layout, True, shift))
+                        add("gn_fwd", label, _gn_fwd_kernel, (*x_in, "Y"), ("Mean", "Rstd", "PMean", "PM2"), dtype,
+                            dict(tile, **flags, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps, core("gn_fwd"),
+                            extra={"eps": "fp32"})
+                        if split:
+                            add("gn_bwd_stats", label, _gn_bwd_stats_kernel, (*x_in, "DY"),
+                                ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p"), dtype, dict(tile, **flags), warps,
+                                core("gn_bwd_stats"))
+                        add("gn_bwd", label, _gn_bwd_kernel, (*x_in, "DY", "DX"),
+                            ("Mean", "Rstd", "DWp", "DBp", "S1p", "S2p", "DSp"), dtype,
+                            dict(tile, **flags, STORE_DSHIFT=shift, SPLIT=split, BLOCK_P=PARTIAL_BLOCK), warps,
+                            core("gn_bwd"))
+    for dtype in _AOT_DTYPES:
+        for block_ns in _AOT_REDUCE_NS:
+            for shift in (True, False):
+                block_cr = REDUCE_TILE // block_ns
+                add("gn_bwd_reduce", f"{dtype} {'shift' if shift else 'noshift'} CR={block_cr} NS={block_ns} "
+                    f"w{REDUCE_WARPS}", _gn_bwd_reduce_kernel, ("DW", "DB", "DS"), ("DWp", "DBp", "DSp"), dtype,
+                    dict(affine, HAS_SHIFT=shift, BLOCK_CR=block_cr, BLOCK_NS=block_ns), REDUCE_WARPS,
+                    core=shift and (dtype, block_ns) in (("fp32", 1), ("bf16", PARTIAL_BLOCK)),
+                    ints={"B": "i32", "C": "i32", "NS": "i32"})
     return specs

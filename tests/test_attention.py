@@ -21,6 +21,7 @@ from kernels.attention import (
     ATOMIC_DQ_MIN_KEYS,
     DETERMINISTIC_ENV,
     BlockConfig,
+    _align_rows,
     _rows_aligned,
     attention_backward,
     attention_forward,
@@ -173,6 +174,9 @@ CASES = [
     (1, 50, 50, 2, 40, torch.float32, "unaligned", [31], False),  # non-unit D stride, rows off 16 bytes
     (1, 31, 45, 1, 72, torch.bfloat16, "unaligned", None, None),  # 72 = 64 + 16, unaligned
     (3, 300, 20, 4, 16, torch.float16, "contiguous", [20, 7, 1], None),  # 12 batch*heads x 3 query blocks
+    (2, 67, 45, 1, 512, torch.bfloat16, "contiguous", [45, 30], False),  # the SD VAE's single 512-wide head
+    (1, 33, 19, 1, 512, torch.float32, "heads_first", None, True),
+    (1, 20, 21, 1, 512, torch.float16, "unaligned", [17], None),
 ]
 
 
@@ -192,16 +196,17 @@ def test_kernels_match_float64(seed, B, Nq, Nk, H, D, dtype, layout, lengths, de
 
 @pytest.mark.parametrize("D,deterministic", [(4, False), (8, True), (16, False), (24, True), (40, True),
                                              (40, False), (64, True), (72, False), (80, True), (80, False),
-                                             (96, True), (160, True), (160, False), (200, False), (256, True)])
+                                             (96, True), (160, True), (160, False), (200, False), (256, True),
+                                             (320, False), (512, True), (512, False)])
 def test_head_dims(seed, D, deterministic):
-    """Head dims with a tail chunk (40, 72, 80, 96, 160) and without (powers of two; 24 and 200 fall
-    back to one padded tile; 4 and 8, the CPU demo's, run in a 16-wide one), every table row, both
-    backward paths, lengths off the block edges."""
+    """Head dims with a tail chunk (40, 72, 80, 96, 160, 320) and without (powers of two; 24 and 200
+    fall back to one padded tile; 4 and 8, the CPU demo's, run in a 16-wide one; 512, the SD VAE's),
+    every table row, both backward paths, lengths off the block edges."""
     q, k, v = make_qkv(2, 37, 70, 1, D, torch.float16, "contiguous")
     check_against_reference(q, k, v, 1 / math.sqrt(D), torch.tensor([70, 9]), deterministic=deterministic)
 
 
-ROW_HEAD_DIMS = {64: 40, 96: 72, 128: 100, 256: 136}  # a head dim that each row of CONFIGS serves
+ROW_HEAD_DIMS = {16: 8, 64: 40, 96: 72, 128: 100, 256: 136, 512: 512}  # a head dim that each row of CONFIGS serves
 
 
 def test_every_table_row_on_ragged_lengths(seed):
@@ -346,7 +351,7 @@ def test_low_precision_inputs_are_rounded_like_on_a_gpu(dtype):
     second half just above 0.5, where rounding to the dtype drops 0.4 of a spacing. Exactly, the
     output is (2p - 1) / (1 + p) > 0; with P rounded to 0.5 it is exactly 0."""
     B, Nq, Nk, H, D = 1, 16, 60, 1, 16  # one block of keys: one softmax pass, no rescaling
-    assert Nk <= CONFIGS[64].fwd.block_n
+    assert Nk <= CONFIGS[16].fwd.block_n == CONFIGS[64].fwd.block_n
     spacing = torch.finfo(dtype).eps / 2  # between representable values in [0.5, 1)
     p = 0.5 + 0.4 * spacing
     q, k, v = (torch.zeros(B, n, H, D, dtype=dtype) for n in (Nq, Nk, Nk))
@@ -452,13 +457,15 @@ def test_rows_aligned():
 
 
 def test_block_d_and_table():
-    assert [block_d(d) for d in (1, 16, 17, 40, 64, 80, 128, 160, 256)] == [16, 16, 32, 64, 64, 128, 128, 256, 256]
+    assert [block_d(d) for d in (1, 16, 17, 40, 64, 80, 128, 160, 256, 320, 512)] == \
+        [16, 16, 32, 64, 64, 128, 128, 256, 256, 512, 512]
     # SD 1.x head dims run as a power of two plus a power-of-two tail, as FlashAttention-2's 64, 96, 160 or narrower
     assert [head_dim_chunks(d) for d in (40, 80, 160)] == [(32, 16), (64, 16), (128, 32)]
     # where a tail would be no narrower than one padded tile, one tile: 24 -> 32, 56 -> 64, 100 -> 128, 200 -> 256
-    assert [head_dim_chunks(d) for d in (8, 16, 24, 56, 64, 100, 128, 200, 256)] == \
-        [(16, 0), (16, 0), (32, 0), (64, 0), (64, 0), (128, 0), (128, 0), (256, 0), (256, 0)]
-    for d in range(1, 257):
+    assert [head_dim_chunks(d) for d in (8, 16, 24, 56, 64, 100, 128, 200, 256, 400, 512)] == \
+        [(16, 0), (16, 0), (32, 0), (64, 0), (64, 0), (128, 0), (128, 0), (256, 0), (256, 0), (512, 0), (512, 0)]
+    assert head_dim_chunks(320) == (256, 64)
+    for d in range(1, 513):
         main, tail = head_dim_chunks(d)
         for chunk in (main, tail) if tail else (main,):
             assert chunk >= 16 and chunk & (chunk - 1) == 0, (d, main, tail)
@@ -466,8 +473,22 @@ def test_block_d_and_table():
         assert tail == 0 or (main < d and 4 * (main + tail) <= 3 * block_d(d)), (d, main, tail)  # saves >= 1/4
         width = min(w for w in CONFIGS if w >= main + tail)
         assert pick_config(d) is CONFIGS[width]
-    assert set(CONFIGS) == {64, 96, 128, 256}
-    assert [pick_config(d) for d in (40, 80, 160)] == [CONFIGS[64], CONFIGS[96], CONFIGS[256]]
+    assert set(CONFIGS) == {16, 64, 96, 128, 256, 512}
+    assert [pick_config(d) for d in (40, 80, 160, 512)] == [CONFIGS[64], CONFIGS[96], CONFIGS[256], CONFIGS[512]]
+
+
+def test_unaligned_rows_are_copied_where_that_aligns_them():
+    """A view whose rows are off 16 bytes is copied to contiguous rows when D * itemsize allows
+    alignment (the kernels then take their aligned build); aligned tensors and rows that no layout
+    aligns (D = 4 in fp16: 8 bytes) are passed as they are."""
+    q, k, v = make_qkv(1, 9, 9, 2, 40, torch.bfloat16, "unaligned")
+    assert not _rows_aligned(q) and not _rows_aligned(k, v)
+    copies = _align_rows(q, k, v)
+    assert _rows_aligned(*copies) and all(torch.equal(a, b) for a, b in zip(copies, (q, k, v)))
+    for layout, D in (("fused_qkv", 40), ("contiguous", 4)):
+        ts = make_qkv(1, 9, 9, 2, D, torch.float16, layout)
+        assert all(a is b for a, b in zip(_align_rows(*ts), ts))
+    assert not _rows_aligned(*make_qkv(1, 9, 9, 2, 4, torch.float16, "contiguous"))
 
 
 def test_triton_dtypes():

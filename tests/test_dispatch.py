@@ -1,6 +1,7 @@
 """The dispatch layer and the PyTorch paths of both kernels, against float64 references."""
 
 import math
+import sys
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
+from kernels import dispatch
 from kernels.dispatch import requested_backend, resolve_backend
 
 
@@ -41,6 +43,90 @@ def test_environment_and_context_precedence(monkeypatch):
     monkeypatch.setenv("LDM_BACKEND", "cuda-magic")
     with pytest.raises(ValueError, match="LDM_BACKEND"):
         requested_backend("groupnorm")
+
+
+def fake_cuda(monkeypatch):
+    """Make dispatch see every tensor as a CUDA tensor (this machine has no GPU): the decision is
+    then the one a GPU gets, on CPU tensors of the same shape and dtype."""
+    monkeypatch.setattr(dispatch, "_on_cuda", lambda tensors: True)
+    monkeypatch.setattr(dispatch, "triton_available", lambda: True)
+
+
+def qkv(D, dtype, N=5, H=1):
+    return tuple(torch.zeros(2, N, H, D, dtype=dtype) for _ in range(3))
+
+
+@pytest.mark.parametrize("D,dtype,expected", [
+    (40, torch.bfloat16, "triton"), (80, torch.float16, "triton"), (160, torch.bfloat16, "triton"),
+    (512, torch.bfloat16, "triton"),  # the SD VAE's single head
+    (4, torch.float16, "triton"),  # the tiny UNet's (one 16-wide tile)
+    (40, torch.float32, "torch"),  # exact fp32 cannot use the tensor cores: SDPA
+    (640, torch.bfloat16, "torch"),  # past the widest row of the table
+    (64, torch.float64, "torch"),
+])
+def test_auto_on_a_gpu_decides_by_dtype_and_head_dim(monkeypatch, D, dtype, expected):
+    for var in ("LDM_BACKEND", "LDM_ATTENTION_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    fake_cuda(monkeypatch)
+    assert resolve_backend("attention", "auto", *qkv(D, dtype)) == expected
+
+
+@pytest.mark.parametrize("x,expected", [
+    (torch.zeros(2, 8, 3, 3, dtype=torch.bfloat16), "triton"), (torch.zeros(2, 8, 3, 3), "triton"),
+    (torch.zeros(2, 8, 3, 3, dtype=torch.float64), "torch"), (torch.zeros(0, 8, 3, 3), "torch"),
+])
+def test_auto_on_a_gpu_decides_group_norm_by_dtype_and_size(monkeypatch, x, expected):
+    for var in ("LDM_BACKEND", "LDM_GROUPNORM_BACKEND"):
+        monkeypatch.delenv(var, raising=False)
+    fake_cuda(monkeypatch)
+    assert resolve_backend("groupnorm", "auto", x, torch.ones(8)) == expected
+
+
+@pytest.mark.parametrize("op,tensors,message", [
+    ("attention", qkv(640, torch.bfloat16), r"^attention: backend 'triton' takes head dims up to 512, got 640 "
+                                             r"for q \(2x5x1x640\); use backend='torch'$"),
+    ("attention", qkv(64, torch.float32), r"^attention: backend 'triton' takes float16, bfloat16 on cuda, got "
+                                           r"torch.float32 for q \(2x5x1x64\); use backend='torch'$"),
+    ("groupnorm", (torch.zeros(2, 8, 3, 3, dtype=torch.float64),),
+     r"^groupnorm: backend 'triton' takes float16, bfloat16 or float32, got torch.float64 for x \(2x8x3x3\)"),
+    ("groupnorm", (torch.zeros(2, 0, 3, 3),), r"takes no empty x \(2x0x3x3\)"),
+])
+def test_forced_triton_refuses_what_it_cannot_take_in_one_line(monkeypatch, op, tensors, message):
+    fake_cuda(monkeypatch)
+    with pytest.raises(ValueError, match=message) as info:
+        resolve_backend(op, "triton", *tensors)
+    assert "\n" not in str(info.value)
+
+
+def test_forced_triton_through_the_interpreter_takes_fp32_but_not_a_wider_head():
+    """On the CPU (TRITON_INTERPRET=1 in the tests) the interpreter takes fp32 too; the head-dim
+    limit is the same as on a GPU, and the op raises what dispatch says before any launch."""
+    assert resolve_backend("attention", "triton", *qkv(512, torch.float32)) == "triton"
+    with pytest.raises(ValueError, match="head dims up to 512"):
+        kernels.attention(*qkv(520, torch.float32), backend="triton")
+    with pytest.raises(ValueError, match="float64"):
+        kernels.group_norm(torch.zeros(2, 8, 3, 3, dtype=torch.float64), 2, backend="triton")
+    # PyTorch's path takes any head dim
+    q = torch.randn(1, 3, 1, 600)
+    torch.testing.assert_close(kernels.attention(q, q, q, backend="torch").double(),
+                               attention_ref(q, q, q, 600 ** -0.5), atol=1e-5, rtol=1e-5)
+
+
+def test_the_ops_run_what_dispatch_returns(monkeypatch, seed):
+    """attention() and group_norm() hold no rule of their own: whatever resolve_backend names runs."""
+    seen = []
+
+    def pick(op, backend, *tensors):
+        seen.append(op)
+        return "torch"
+
+    for module in ("kernels.attention", "kernels.groupnorm"):
+        monkeypatch.setattr(sys.modules[module], "resolve_backend", pick)
+    q = torch.randn(1, 4, 2, 8)
+    out = kernels.attention(q, q, q, backend="triton")  # forced, yet dispatch (here: the spy) decides
+    assert out.grad_fn is None or "Attention" not in type(out.grad_fn).__name__
+    kernels.group_norm(torch.randn(1, 4, 2, 2), 2, backend="triton")
+    assert seen == ["attention", "groupnorm"]
 
 
 def test_bad_backend_names_and_unavailable_backends():
@@ -79,15 +165,18 @@ def test_attention_accepts_strided_views_of_a_fused_projection(seed):
     (lambda: (torch.randn(2, 4, 2, 8), torch.randn(3, 4, 2, 8), torch.randn(3, 4, 2, 8)), "batch"),
     (lambda: (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 3, 8), torch.randn(2, 4, 3, 8)), "heads"),
     (lambda: (torch.randn(2, 4, 2, 8), torch.randn(2, 4, 2, 16), torch.randn(2, 4, 2, 16)), "head dim"),
-    (lambda: (torch.randn(1, 4, 1, 320), torch.randn(1, 4, 1, 320), torch.randn(1, 4, 1, 320)), "exceeds 256"),
+    (lambda: (torch.randn(1, 4, 1, 1024), torch.randn(1, 4, 1, 1024), torch.randn(1, 4, 1, 1024)),
+     "head dims up to 512, got 1024 for q \\(1x4x1x1024\\)"),
     (lambda: (torch.randn(1, 4, 1, 8), torch.randn(1, 4, 1, 8).half(), torch.randn(1, 4, 1, 8)), "dtype"),
     (lambda: (torch.randn(4, 1, 8), torch.randn(4, 1, 8), torch.randn(4, 1, 8)), "4-D"),
     (lambda: (torch.randn(1, 4, 1, 8), torch.randn(1, 5, 1, 8), torch.randn(1, 6, 1, 8)), "same shape"),
 ])
 def test_attention_bad_calls_name_the_tensors(make, message):
+    """Shape errors raise whatever the backend; the head-dim limit is the Triton kernels' (forced here:
+    the tests run Triton through its interpreter), PyTorch's path takes any head dim."""
     q, k, v = make()
     with pytest.raises(ValueError, match=message):
-        kernels.attention(q, k, v)
+        kernels.attention(q, k, v, backend="triton")
 
 
 def test_attention_bad_key_lengths():
@@ -140,3 +229,52 @@ def test_group_norm_module_shares_nn_groupnorm_state_dict(seed):
 def test_group_norm_bad_calls(call, message):
     with pytest.raises(ValueError, match=message):
         call()
+
+
+@pytest.mark.parametrize("Nk", [77, 8, 1, 13])
+def test_xformers_key_bias_rows_are_aligned(seed, Nk):
+    """The bias for padded keys: (B, H, Nq, Nk) with rows on multiples of 8 elements (a view of a
+    padded buffer, as xformers requires), 0 for valid keys and -inf for padded ones."""
+    from kernels.attention import XFORMERS_BIAS_ALIGN, xformers_key_bias
+
+    B, H, Nq = 3, 2, 5
+    lengths = torch.randint(1, Nk + 1, (B,))
+    bias = xformers_key_bias(lengths, B, H, Nq, Nk, torch.float16, "cpu")
+    assert bias.shape == (B, H, Nq, Nk) and bias.dtype == torch.float16 and bias.stride(-1) == 1
+    padded = -(-Nk // XFORMERS_BIAS_ALIGN) * XFORMERS_BIAS_ALIGN
+    assert bias.stride() == (H * Nq * padded, Nq * padded, padded, 1)
+    assert all(s % XFORMERS_BIAS_ALIGN == 0 for s in bias.stride()[:-1])
+    assert bias.data_ptr() % 16 == 0
+    keep = torch.arange(Nk)[None, :] < lengths[:, None]  # (B, Nk)
+    expected = torch.where(keep, 0.0, -math.inf)[:, None, None, :].expand(B, H, Nq, Nk)
+    assert torch.equal(bias.float(), expected)
+
+
+def test_xformers_path_hands_an_aligned_bias(seed, monkeypatch):
+    """With a stand-in for xformers.ops that checks the bias as xformers does (rows aligned to 8) and
+    computes attention in float64, the xformers path equals the reference (xformers is not installed
+    here and has no CPU kernels)."""
+    import types
+
+    from kernels.attention import XFORMERS_BIAS_ALIGN, _attention_xformers
+
+    seen = []
+
+    def memory_efficient_attention(q, k, v, attn_bias=None, scale=None):
+        assert attn_bias.shape == (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+        assert attn_bias.stride(-2) % XFORMERS_BIAS_ALIGN == 0, f"unaligned bias strides {attn_bias.stride()}"
+        seen.append(attn_bias.stride())
+        s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * scale + attn_bias.double()
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v.double()).to(q.dtype)
+
+    ops = types.ModuleType("xformers.ops")
+    ops.memory_efficient_attention = memory_efficient_attention
+    package = types.ModuleType("xformers")
+    package.ops = ops
+    monkeypatch.setitem(sys.modules, "xformers", package)
+    monkeypatch.setitem(sys.modules, "xformers.ops", ops)
+    q, k, v = torch.randn(2, 9, 2, 16), torch.randn(2, 77, 2, 16), torch.randn(2, 77, 2, 16)
+    lengths = torch.tensor([77, 12])
+    out = _attention_xformers(q, k, v, 0.25, lengths)
+    assert seen == [(2 * 9 * 80, 9 * 80, 80, 1)]
+    torch.testing.assert_close(out.double(), attention_ref(q, k, v, 0.25, lengths), atol=1e-5, rtol=1e-5)

@@ -1,5 +1,8 @@
 """The VAE: shapes per preset, the posterior, the attention path, diffusers equivalence, the losses."""
 
+import copy
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -93,6 +96,41 @@ def test_mid_attention_runs_through_kernels_attention_on_views(seed, monkeypatch
     assert torch.allclose(y, ref, atol=1e-10)
     with kernels.use_backend("torch"):
         assert torch.allclose(block(x), ref, atol=1e-10)
+
+
+def test_sd_mid_attention_runs_the_triton_kernels_at_head_dim_512(seed, monkeypatch):
+    """The sd preset's single 512-wide head goes through kernels.attention and, with the Triton
+    backend (the interpreter here), through the fused kernels: no SDPA bypass in the model. Output and
+    every gradient match the PyTorch backend on the same block (fp32, 3 x 5 positions)."""
+    cfg = VAE_CONFIGS["sd"]
+    block = vae_module.Attention(cfg.widths[-1], cfg)
+    for p in block.parameters():  # the zero-initialised output projection would hide the attention
+        torch.nn.init.normal_(p, std=0.05)
+    launches = []
+    attention_module = sys.modules["kernels.attention"]
+    real_forward = attention_module.attention_forward
+
+    def spy(q, k, v, *args, **kwargs):
+        launches.append(tuple(q.shape))
+        return real_forward(q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(attention_module, "attention_forward", spy)
+    x = torch.randn(2, 512, 3, 5)
+    x_t, x_ref = x.clone().requires_grad_(), x.clone().double().requires_grad_()
+    ref_block = copy.deepcopy(block).double()
+    with kernels.use_backend("triton"):
+        y = block(x_t)
+    assert launches == [(2, 15, 1, 512)], launches  # (B, N, heads, D): the fused kernel ran
+    with kernels.use_backend("torch"):
+        y_ref = ref_block(x_ref)
+    torch.testing.assert_close(y.double(), y_ref, atol=1e-4, rtol=1e-4)
+    dy = torch.randn(y.shape)
+    y.backward(dy)
+    y_ref.backward(dy.double())
+    torch.testing.assert_close(x_t.grad.double(), x_ref.grad, atol=1e-4, rtol=1e-4)
+    for (name, p), ref in zip(block.named_parameters(), ref_block.parameters(), strict=True):
+        scale = max(ref.grad.abs().max().item(), 1.0)
+        torch.testing.assert_close(p.grad.double(), ref.grad, atol=1e-4 * scale, rtol=1e-4, msg=name)
 
 
 def test_bad_input_names_the_problem():
