@@ -346,9 +346,13 @@ class Bench:
         """What runs under ``provider`` (for extra_info), and what the on / off ratio means here."""
         if provider not in (KERNELS_ON, KERNELS_OFF):
             return {"backends": f"{provider}: its own modules (PyTorch ops)"}
-        probe = torch.zeros(1, device=self.torch_device)
+        # what the models hand the ops under bf16 autocast: q, k, v (B, N, H, D) and a feature map (B, C, H, W)
+        qkv = torch.zeros(1, 16, 1, 64, device=self.torch_device, dtype=torch.bfloat16)
+        probes = {"attention": (qkv, qkv, qkv),
+                  "groupnorm": (torch.zeros(1, 32, 4, 4, device=self.torch_device, dtype=torch.bfloat16),)}
         with kernels.use_backend("torch") if provider == KERNELS_OFF else contextlib.nullcontext():
-            backends = ", ".join(f"{op} {kernels.resolve_backend(op, 'auto', probe)}" for op in kernels.dispatch.OPS)
+            backends = ", ".join(f"{op} {kernels.resolve_backend(op, 'auto', *probes[op])}"
+                                 for op in kernels.dispatch.OPS)
         note = ("CPU: on and off both run PyTorch's ops (the Triton kernels need CUDA); the ratio is noise"
                 if self.device.type == "cpu" else "GPU: on = Triton attention + GroupNorm, off = SDPA + F.group_norm")
         return {"backends": backends, "kernels_note": note}

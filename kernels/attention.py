@@ -76,6 +76,8 @@ def check_attention_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         raise ValueError(f"attention: head dim of q ({_shape(q)}) and k ({_shape(k)}) differ")
     if k.shape[1] == 0:
         raise ValueError(f"attention: k ({_shape(k)}) has no keys")
+    if q.shape[3] == 0:
+        raise ValueError(f"attention: head dim of q ({_shape(q)}) is 0")
     if key_lengths is not None:
         if not isinstance(key_lengths, torch.Tensor) or key_lengths.dim() != 1 \
                 or key_lengths.shape[0] != q.shape[0]:

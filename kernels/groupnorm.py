@@ -47,8 +47,10 @@ MAX_VECTOR = 8           # channels per vector load in channels_last (16 bytes o
 KERNEL_DTYPES = GROUPNORM_DTYPES  # the rule lives in kernels.dispatch, which decides the backend
 
 
-def check_group_norm_inputs(x, num_groups, weight, bias, shift) -> None:
+def check_group_norm_inputs(x, num_groups, weight, bias, shift, eps: float = 1e-5) -> None:
     """Raise a ValueError that names the problem when a call cannot work."""
+    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):  # a negative one gives NaN
+        raise ValueError(f"group_norm: eps must be a finite number >= 0, got {eps!r}")
     if not isinstance(x, torch.Tensor) or x.dim() < 2:
         raise ValueError(f"group_norm: x must be a tensor of shape (B, C, ...), got "
                          f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
@@ -716,7 +718,13 @@ class GroupNormFunction(torch.autograd.Function):
 def _group_norm_torch(x, num_groups, weight, bias, eps, silu, shift):
     if shift is not None:
         x = x + shift.view(*shift.shape, *([1] * (x.dim() - 2)))
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if any(p is not None and p.dtype != x.dtype for p in (weight, bias)):
+        # F.group_norm wants one dtype (on the CPU); the Triton path takes parameters of another float
+        # dtype and computes in fp32: do the same, and return x's dtype as it does
+        f32 = lambda t: None if t is None else t.float()
+        y = F.group_norm(x.float(), num_groups, f32(weight), f32(bias), eps).to(x.dtype)
+    else:
+        y = F.group_norm(x, num_groups, weight, bias, eps)
     return F.silu(y) if silu else y
 
 
@@ -737,7 +745,7 @@ def group_norm(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = N
     path takes float16, bfloat16 and float32; "auto" sends other dtypes (and empty tensors) to
     PyTorch, an explicit ``backend="triton"`` raises for them.
     """
-    check_group_norm_inputs(x, num_groups, weight, bias, shift)
+    check_group_norm_inputs(x, num_groups, weight, bias, shift, eps)
     tensors = [t for t in (x, weight, bias, shift) if t is not None]
     run = _IMPLEMENTATIONS[resolve_backend("groupnorm", backend, *tensors)]  # dispatch decides, not this op
     return run(x, num_groups, weight, bias, eps, silu, shift)

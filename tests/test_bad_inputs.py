@@ -293,3 +293,41 @@ def test_a_non_finite_loss_between_log_steps_is_never_saved(assets, tmp_path, mo
     err = capsys.readouterr().err
     assert "train_unet: error: the loss became non-finite by step 3" in err and "Traceback" not in err
     assert not list(out.glob("checkpoints/step_*")) and not (out / "unet.safetensors").exists()
+
+
+# ---- the kernels: a ValueError naming the shape, dtype or value, the same from every backend
+KERNEL_BACKENDS = ["torch", "triton"]  # the tests run Triton through its interpreter
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_attention_head_dim_0_is_named(backend):
+    import kernels
+
+    q = torch.randn(1, 4, 2, 0)
+    with pytest.raises(ValueError, match=r"attention: head dim of q \(1x4x2x0\) is 0"):
+        kernels.attention(q, q, q, backend=backend)
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+@pytest.mark.parametrize("eps", [-1.0, float("nan"), float("inf")])
+def test_group_norm_eps_must_be_finite_and_not_negative(backend, eps):
+    import kernels
+
+    x = torch.randn(2, 8, 4, 4)
+    with pytest.raises(ValueError, match=r"group_norm: eps must be a finite number >= 0, got"):
+        kernels.group_norm(x, 4, torch.ones(8), torch.zeros(8), eps=eps, backend=backend)
+
+
+def test_group_norm_parameters_of_another_dtype_agree_across_backends(seed):
+    """fp16 weight and bias with an fp32 input: Triton took it, PyTorch's path refused it; both take it
+    now, compute in fp32 and return x's dtype, and agree with a float64 reference."""
+    import kernels
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 8, 5, 3, generator=g)
+    w, b = (torch.randn(8, generator=g) * 0.5 + 1).half(), (torch.randn(8, generator=g) * 0.1).half()
+    ref = torch.nn.functional.silu(torch.nn.functional.group_norm(x.double(), 4, w.double(), b.double(), 1e-5))
+    for backend in KERNEL_BACKENDS:
+        y = kernels.group_norm(x, 4, w, b, eps=1e-5, silu=True, backend=backend)
+        assert y.dtype == torch.float32, backend
+        torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5, msg=backend)
