@@ -69,6 +69,8 @@ def shared_assets(tmp_path_factory, seed: int) -> dict:
     """The random VAE, the tiny text encoder and one short text-conditional run (40 steps, grids at
     20 and 40, 4 prompts scored at the end), built once per test process and shared by the test
     files: {"vae", "encoder", "unet", "cache", "stderr"}."""
+    if "assets" in _BUILT and _BUILT["seed"] != seed:  # one build per process: every file must ask alike
+        raise AssertionError(f"shared_assets built with seed {_BUILT['seed']}, asked again with {seed}")
     if "assets" not in _BUILT:
         import contextlib
         import io
@@ -84,6 +86,7 @@ def shared_assets(tmp_path_factory, seed: int) -> dict:
                                   "--eval", "4"]
                                  + train_flags(vae, 40, seed) + ["--val-every", "20"])
         assert rc == 0, err.getvalue()
+        _BUILT["seed"] = seed
         _BUILT["assets"] = {"vae": vae, "encoder": encoder, "unet": root / "unet", "cache": root / "cache",
                             "stderr": err.getvalue()}
     return _BUILT["assets"]
