@@ -2,7 +2,7 @@
 
     python -m ldm.toy                                      # swiss roll, 3000 steps, into runs/toy
     python -m ldm.toy --data moons --out runs/toy-moons
-    python -m ldm.toy --data gaussians8 --prediction v --steps 5000 --seed 1
+    python -m ldm.toy --data gaussians8 --prediction eps --steps 5000 --seed 1
     python -m ldm.toy --samplers ddim dpmpp_2m --sampler-steps 5 10 20 100
 
 An MLP (``ldm.toy2d.MLPDenoiser``) trained with the same loss, schedules and prediction targets as

@@ -99,8 +99,8 @@ class MLPDenoiser(nn.Module):
     hidden layer; the output layer starts at zero. Each coordinate also enters as sinusoids of
     ``fourier_scale`` * x (the same embedding, ``fourier_dim`` wide): Fourier features let an MLP draw
     sharp detail in low dimensions (Tancik et al. 2020, "Fourier Features Let Networks Learn High
-    Frequency Functions"); on the eight Gaussians they cut the samples between the modes from 6% to 3.5%
-    (DPM-Solver++(2M), 50 steps; the data: 1.2%)."""
+    Frequency Functions"); on the eight Gaussians (eps prediction) they cut the samples between the modes
+    from 6% to 3.5% (DPM-Solver++(2M), 50 steps; the data: 1.2%)."""
 
     def __init__(self, dim: int = 2, width: int = 128, depth: int = 3, emb_dim: int = 64, fourier_dim: int = 32,
                  fourier_scale: float = 25.0):
@@ -136,7 +136,7 @@ class ToyConfig:
     warmup: int = 100
     width: int = 128
     depth: int = 3
-    prediction: str = "eps"  # eps, v or x0 (ldm.diffusion.PREDICTIONS)
+    prediction: str = "v"  # v, eps or x0 (ldm.diffusion.PREDICTIONS); v as the UNet demo
     schedule: str = "linear"  # ldm.diffusion.SCHEDULES, 1000 timesteps
     num_timesteps: int = 1000
     ema_decay: float = 0.99  # the model returned and sampled is the EMA copy
