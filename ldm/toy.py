@@ -111,7 +111,11 @@ def main(argv: list[str] | None = None) -> int:
                       f"{config.snapshot_steps} steps")
         print(f"step {step:>6}  energy {energy:.4f}", file=sys.stderr)
 
-    model, history = train(config, on_snapshot)
+    try:
+        model, history = train(config, on_snapshot)
+    except InputError as e:  # the loss became NaN: nothing is written
+        print(f"toy: error: {e}", file=sys.stderr)
+        return 2
     times = history.pop()
     floor = noise_floor(config.dataset, config.snapshot_n, config.seed)
     figure, rows = sampler_figure(model, config.dataset, args.samplers, args.sampler_steps, config.snapshot_n,

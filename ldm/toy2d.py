@@ -224,6 +224,9 @@ def train(config: ToyConfig, on_snapshot: Callable[[int, torch.Tensor, float], N
             group["lr"] = learning_rate(c.lr, step - 1, warmup=c.warmup, schedule="cosine", total=c.steps, floor=0.1)
         x0 = DATASETS[c.dataset](c.batch_size, gen)  # (B, 2)
         loss = diffusion_loss(net, x0, model.schedule, c.prediction, generator=gen).mean()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise InputError(f"the loss became {value} at step {step}; lower lr (now {c.lr})")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -231,15 +234,13 @@ def train(config: ToyConfig, on_snapshot: Callable[[int, torch.Tensor, float], N
             decay = min(c.ema_decay, (1 + step) / (10 + step))  # warmed up as in ldm.unet_training
             torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1.0 - decay)
         train_s += time.perf_counter() - t0
-        running, count = running + loss.item(), count + 1
+        running, count = running + value, count + 1
         if step % every == 0 or step in at:
             mean_loss, running, count = running / count, 0.0, 0
             if step in at:
                 snapshot(step, mean_loss)
             else:
                 history.append({"step": step, "loss": mean_loss})
-        if not math.isfinite(loss.item()):
-            raise InputError(f"the loss became {loss.item()} at step {step}; lower lr (now {c.lr})")
     history.append({"train_seconds": train_s, "snapshot_seconds": snap_s})
     return ema.eval(), history
 

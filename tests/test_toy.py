@@ -277,6 +277,14 @@ def test_bad_flags_are_one_line_and_write_nothing(argv, message, tmp_path, capsy
     assert not out.exists()
 
 
+def test_a_diverging_run_stops_with_the_step_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "toy"
+    assert toy.main(["--lr", "1e30", "--steps", "20", "--snapshots", "1", "--n", "50", "--out", str(out)]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]  # after the step-0 snapshot's progress line
+    assert re.fullmatch(r"toy: error: the loss became (inf|nan) at step \d+; lower lr \(now 1e\+30\)", last), last
+    assert not out.exists()
+
+
 def test_help_runs_as_a_module():
     done = subprocess.run([sys.executable, "-m", "ldm.toy", "--help"], capture_output=True, text=True, timeout=120,
                           cwd=ROOT)
