@@ -188,7 +188,7 @@ def test_training_brings_the_samples_to_the_data(trained):
     # a standard Gaussian (the data's mean and scale, none of its shape) scores ~0.057 at 500 points
     gauss = energy_distance(torch.randn(500, 2, generator=torch.Generator().manual_seed(0)),
                             draw_data("moons", 500, 1))
-    trained_ed = energy_distance(sample(model, 500, "dpmpp_2m", 50, seed=3), draw_data("moons", 500, 7))  # ~0.01
+    trained_ed = energy_distance(sample(model, 500, steps=50, seed=3), draw_data("moons", 500, 7))  # ~0.01
     assert trained_ed < gauss / 2, (trained_ed, gauss)
     losses = [r["loss"] for r in history[:-1] if r["loss"] is not None]
     assert losses[-1] < losses[0]
