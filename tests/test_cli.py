@@ -4,8 +4,9 @@ import subprocess
 import sys
 
 import pytest
+from test_layers import COMMANDS
 
-ENTRY_POINTS = ["ldm.train_vae", "ldm.eval_vae", "ldm.train_unet", "ldm.sample", "ldm.eval_text", "ldm.convert"]
+ENTRY_POINTS = sorted(COMMANDS) + ["bench.gpu", "bench.samplers"]  # the layer table's commands, and bench's
 
 
 @pytest.mark.parametrize("module", ENTRY_POINTS)
