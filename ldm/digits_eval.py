@@ -37,10 +37,16 @@ from ldm.pipeline import generate
 from ldm.pretrained import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldm.runlog import image_grid
 
-READER_EPOCHS = 40  # 920 steps of 64: 98.6% of the held-out digits at 16 px, ~15 s on one loaded core
-READER_BATCH = 64
-READER_LR = 2e-3
+# 20 epochs of 32, AdamW at 3e-3 decayed to 0 on a cosine, label smoothing 0.1, dropout 0.3 on the features,
+# half the images shifted: 98.3 / 98.9 / 98.9% of the held-out digits at 16 px (seeds 0 / 1 / 2), 5-12 s on one
+# core by the load. Without the smoothing, dropout and decay (40 epochs of 64 at 2e-3): 94-98.6% by the seed.
+READER_EPOCHS = 20
+READER_BATCH = 32
+READER_LR = 3e-3
 READER_WEIGHT_DECAY = 1e-2
+READER_SMOOTHING = 0.1
+READER_DROPOUT = 0.3
+READER_SHIFT = 0.5  # share of the images moved by one pixel
 FEATURES = 64  # width of the penultimate layer the Fréchet distance is measured in
 DEFAULT_PER_DIGIT = 100
 
@@ -84,26 +90,34 @@ def _shift(ink: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def train_reader(resolution: int = 16, epochs: int = READER_EPOCHS, seed: int = 0, width: int = 32) -> DigitReader:
-    """A ``DigitReader`` fitted on the train split of the digits at ``resolution`` (eval mode). At
-    16 px: 40 epochs (the default) 98.6% of the held-out digits; width 16 and 20 epochs (4x less
-    time) 95-97% by the seed."""
+    """A ``DigitReader`` fitted on the train split of the digits at ``resolution`` (eval mode), in
+    ``epochs`` passes of the recipe above; the same weights for the same arguments, and the global
+    random state left as it was."""
     train = DigitsDataset(resolution, split="train")
     ink = downsample(train.images).view(-1, 1, SOURCE_SIDE, SOURCE_SIDE)  # (N, 1, 8, 8)
     labels = torch.as_tensor(train.labels)
     gen = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(seed)  # the weights and the dropout masks
         reader = DigitReader(width)
-    opt = torch.optim.AdamW(reader.parameters(), lr=READER_LR, weight_decay=READER_WEIGHT_DECAY)
-    reader.train()
-    for _ in range(epochs):
-        perm = torch.randperm(len(ink), generator=gen)
-        for start in range(0, len(ink), READER_BATCH):
-            idx = perm[start:start + READER_BATCH]
-            loss = F.cross_entropy(reader(_shift(ink[idx], gen)), labels[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+        opt = torch.optim.AdamW(reader.parameters(), lr=READER_LR, weight_decay=READER_WEIGHT_DECAY)
+        reader.train()
+        total, step = epochs * math.ceil(len(ink) / READER_BATCH), 0
+        for _ in range(epochs):
+            perm = torch.randperm(len(ink), generator=gen)
+            for start in range(0, len(ink), READER_BATCH):
+                for group in opt.param_groups:
+                    group["lr"] = READER_LR * 0.5 * (1 + math.cos(math.pi * step / total))
+                idx = perm[start:start + READER_BATCH]
+                x = ink[idx]  # (b, 1, 8, 8)
+                moved = torch.rand(len(idx), generator=gen) < READER_SHIFT  # (b,)
+                x = torch.where(moved[:, None, None, None], _shift(x, gen), x)
+                feats = F.dropout(reader.features(x), READER_DROPOUT)  # (b, FEATURES)
+                loss = F.cross_entropy(reader.out(feats), labels[idx], label_smoothing=READER_SMOOTHING)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                step += 1
     return reader.eval().requires_grad_(False)
 
 

@@ -24,7 +24,6 @@ from ldm.pipeline import Pipeline
 from ldm.samplers import ClassCFGDenoiser
 from ldm.unet import UNet, UNetConfig, unet_config
 
-READER_EPOCHS, READER_WIDTH = 20, 16  # the tests' reader: a quarter of the command's time, 95-97% held out
 
 
 def run(main, argv) -> tuple[int, str]:
@@ -107,7 +106,7 @@ def test_downsample_reads_the_source_grid_back():
 # ---------------------------------------------------------------- the reader and the scores
 @pytest.fixture(scope="module")
 def reader():
-    return digits_eval.train_reader(16, epochs=READER_EPOCHS, width=READER_WIDTH)
+    return digits_eval.train_reader(16)  # the command's reader
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +115,8 @@ def reference(reader):
 
 
 def test_the_reader_reads_held_out_real_digits(reference):
-    assert reference["accuracy"] >= 0.95, reference["accuracy"]
-    assert min(reference["per_digit"]) >= 0.85, reference["per_digit"]
+    assert reference["accuracy"] >= 0.97, reference["accuracy"]
+    assert min(reference["per_digit"]) >= 0.9, reference["per_digit"]
     assert reference["floor_sizes"] == [1000, 359]
 
 
