@@ -51,8 +51,8 @@ def read_classes(args: argparse.Namespace, pipe: Pipeline) -> list[int] | None:
 def read_prompts(args: argparse.Namespace, pipe: Pipeline) -> list[str] | None:
     if not pipe.conditional:
         if args.prompt or args.prompts_file:
-            raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is unconditional (context_dim null); "
-                              "it takes no --prompt or --prompts-file")
+            raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is not text-conditional "
+                              "(context_dim null); it takes no --prompt or --prompts-file")
         return None
     prompts = list(args.prompt or [])
     if args.prompts_file:
