@@ -4,9 +4,8 @@ The cache is built once: the VAE's posterior mean and std of the first N items (
 ``VAE.latent_moments``), so every step draws a fresh latent sample; with a text encoder also the
 captions' token states, each distinct caption encoded once (fp16), plus the empty prompt (for
 classifier-free guidance) and the validation prompts; a labelled dataset (the digits) also leaves its
-class labels in the latent file. Each file records what it was built from (VAE
-digest, dataset, resolution, text encoder, item count): a changed input rebuilds it, an unchanged one
-is reused.
+class labels in the latent file. Each file records what it was built from (VAE digest, dataset,
+resolution, text encoder, item count): a changed input rebuilds it, an unchanged one is reused.
 
 ``Batches(step)`` draws step s's global batch from seed (seed, s) and gives each rank its shard, so a
 run does not depend on how many processes share it, and resumes mid-epoch exactly. It conditions on
