@@ -3,12 +3,14 @@
 The cache is built once: the VAE's posterior mean and std of the first N items (in the UNet's units:
 ``VAE.latent_moments``), so every step draws a fresh latent sample; with a text encoder also the
 captions' token states, each distinct caption encoded once (fp16), plus the empty prompt (for
-classifier-free guidance) and the validation prompts. Each file records what it was built from (VAE
-digest, dataset, resolution, text encoder, item count): a changed input rebuilds it, an unchanged one
-is reused.
+classifier-free guidance) and the validation prompts; a labelled dataset (the digits) also leaves its
+class labels in the latent file. Each file records what it was built from (VAE digest, dataset,
+resolution, text encoder, item count): a changed input rebuilds it, an unchanged one is reused.
 
 ``Batches(step)`` draws step s's global batch from seed (seed, s) and gives each rank its shard, so a
-run does not depend on how many processes share it, and resumes mid-epoch exactly.
+run does not depend on how many processes share it, and resumes mid-epoch exactly. It conditions on
+the captions' tokens (a text cache), or on the class labels (``null_class`` given), each dropped to
+the empty prompt / the null class with probability ``cfg_drop``, or on nothing.
 """
 
 from __future__ import annotations
@@ -129,10 +131,12 @@ def load_text_encoder(path: str, device):
 
 
 def validation_prompts(data: str | None, dataset, n: int, count: int) -> list[str]:
-    """Built-in data: ``count`` held-out prompts; a folder: its first ``count`` distinct non-empty captions
-    among items 0..n-1."""
+    """Built-in data: ``count`` held-out prompts (the dataset's own ``prompts(count)`` where it has one); a
+    folder: its first ``count`` distinct non-empty captions among items 0..n-1."""
     if data is None:
         return [text for _, text in eval_prompts(count, VAL_PROMPT_SEED)]
+    if hasattr(dataset, "prompts"):
+        return dataset.prompts(count)
     seen = dict.fromkeys(c for c in dataset_captions(dataset, n) if c)
     return list(seen)[:count] or [""]  # no captions at all: the grids show the empty prompt
 
@@ -147,12 +151,13 @@ class Cache:
     caption_row: torch.Tensor | None = None  # (N,) row of tokens for each item
     empty_row: int = 0
     val_rows: torch.Tensor | None = None  # (V,)
+    labels: torch.Tensor | None = None  # (N,) int64 class of each item, for a labelled dataset
 
     def to(self, device) -> Cache:
         nbytes = sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.tokens) if t is not None)
         if nbytes > CACHE_ON_DEVICE_BYTES:
             device = torch.device("cpu")
-        for f in ("mean", "std", "tokens", "token_lengths", "caption_row", "val_rows"):
+        for f in ("mean", "std", "tokens", "token_lengths", "caption_row", "val_rows", "labels"):
             if getattr(self, f) is not None:
                 setattr(self, f, getattr(self, f).to(device))
         return self
@@ -175,6 +180,8 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
         if not cache_is_current(latent_file, latent_key, "latent"):
             t0 = time.perf_counter()
             latents = encode_latents(vae, dataset, n, device, workers, quiet)
+            if getattr(dataset, "labels", None) is not None:
+                latents["labels"] = torch.as_tensor(np.asarray(dataset.labels[:n]), dtype=torch.long)  # (n,)
             save_tensors(latents, latent_file, metadata={"ldm_cache": json.dumps(latent_key)})
             print(f"train_unet: cached {n} latents {tuple(latents['mean'].shape[1:])} in "
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
@@ -189,7 +196,8 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
 
     d.on_main(build)
     latents = load_tensors(latent_file, "latent cache")
-    cache = Cache(latents["mean"], latents["std"], keys={"latents": latent_key, "text": text_key})
+    cache = Cache(latents["mean"], latents["std"], keys={"latents": latent_key, "text": text_key},
+                  labels=latents.get("labels"))
     if text_key is not None:
         text = load_tensors(text_file, "text cache")
         cache.tokens, cache.token_lengths, cache.caption_row = text["tokens"], text["lengths"], text["index"]
@@ -225,12 +233,17 @@ class Batches:
     """Step s's global batch: the cached items at stream positions s*B .. s*B + B - 1, a fresh posterior
     sample of each latent, timesteps, noise and caption drops, all drawn for the whole global batch
     from seed (``seed``, s); rank r keeps rows r*b .. (r+1)*b - 1 (b = B / world). One process or
-    many, step s trains on the same numbers."""
+    many, step s trains on the same numbers. ``null_class``: condition on the cache's labels instead of
+    text, a dropped label becoming ``null_class``."""
 
     def __init__(self, cache: Cache, batch_size: int, d: Dist, seed: int, cfg_drop: float, num_timesteps: int,
-                 device: torch.device, t_focus: tuple[float, float, float] = (0.0, 0.0, 1.0)):
+                 device: torch.device, t_focus: tuple[float, float, float] = (0.0, 0.0, 1.0),
+                 null_class: int | None = None):
         self.cache, self.B, self.seed, self.cfg_drop, self.T, self.device = (
             cache, batch_size, seed, cfg_drop, num_timesteps, device)
+        if null_class is not None and cache.labels is None:
+            raise InputError("class conditioning needs a labelled dataset (--data digits); this cache has no labels")
+        self.null_class = null_class
         self.focus = dict(zip(("focus", "focus_mean", "focus_std"), t_focus, strict=True))  # sample_timesteps
         self.b = batch_size // d.world
         self.first = d.rank * self.b  # this rank's first row of every global batch
@@ -249,6 +262,9 @@ class Batches:
         noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
         drop = (torch.rand(B, generator=self.gen, device=dev) < self.cfg_drop)[self.rows]  # (b,)
         x0 = c.mean[idx].to(dev).float() + c.std[idx].to(dev).float() * z_noise  # (b, C, h, w)
+        if self.null_class is not None:
+            labels = torch.where(drop, self.null_class, c.labels[idx].to(dev))  # (b,)
+            return x0, t, noise, {"class_labels": labels}
         if c.tokens is None:
             return x0, t, noise, {}
         row = torch.where(drop, c.empty_row, c.caption_row[idx].to(dev)).to(c.tokens.device)  # (b,)

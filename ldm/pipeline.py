@@ -3,6 +3,7 @@
     from ldm import Pipeline
     pipe = Pipeline.from_pretrained("runs/unet")           # train_unet's folder, convert's, or an SD 1.x folder
     images = pipe(["a large red circle in the center on a black background"], n=4, seed=0)  # PIL images
+    digits = Pipeline.from_pretrained("runs/digits-unet")(classes=[7], n=4)  # a class-conditional UNet
 
 A Pipeline holds the UNet, the VAE (which carries its latent codec), the text encoder, the noise
 schedule, the prediction type and the sampling defaults of its ``unet.json``. ``generate`` is the one
@@ -26,7 +27,7 @@ from ldm.diffusion import Denoiser, NoiseSchedule
 from ldm.errors import InputError
 from ldm.pretrained import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_NAME, file_digest, load_unet, load_vae
 from ldm.runlog import to_uint8_images
-from ldm.samplers import SAMPLERS, SIGMA_CAP, CFGDenoiser, get_sigmas
+from ldm.samplers import SAMPLERS, SIGMA_CAP, CFGDenoiser, ClassCFGDenoiser, get_sigmas
 from ldm.unet import UNet
 
 # How each sampler spaces its sigmas unless told: DDPM and DDIM on evenly spaced timesteps (1000
@@ -109,6 +110,11 @@ class Pipeline:
         return self.unet.config.context_dim is not None
 
     @property
+    def num_classes(self) -> int | None:
+        """The classes a class-conditional UNet draws (labels 0 .. num_classes - 1); None: no class input."""
+        return self.unet.config.num_classes
+
+    @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
 
@@ -139,25 +145,28 @@ class Pipeline:
         """``generate(self, prompts, ...)``: (P * n, 3, H, W) float32 in [-1, 1] on the CPU."""
         return generate(self, prompts, **kwargs)
 
-    def __call__(self, prompts: str | list[str] | None = None, *, n: int = 1, steps: int | None = None,
-                 sampler: str | None = None, cfg: float | None = None, seed: int = 0,
-                 init_image=None, strength: float | None = None, spacing: str | None = None,
+    def __call__(self, prompts: str | list[str] | None = None, *, classes: int | list[int] | None = None,
+                 n: int = 1, steps: int | None = None, sampler: str | None = None, cfg: float | None = None,
+                 seed: int = 0, init_image=None, strength: float | None = None, spacing: str | None = None,
                  batch_size: int = 16, output: str = "pil", progress: bool = False):
-        """``n`` images of each prompt (prompt-major; an unconditional model takes none), as a list of PIL
-        images, or with ``output="pt"`` a (P * n, 3, H, W) tensor in [-1, 1]. Unset sampling options come
-        from the checkpoint. ``init_image`` (a path, a PIL image or a (3, H, W) tensor in [-1, 1]) with
-        ``strength`` in (0, 1] draws image-to-image."""
+        """``n`` images of each prompt (prompt-major; an unconditional model takes none), or of each class
+        label of a class-conditional model (``classes``), as a list of PIL images, or with ``output="pt"``
+        a (P * n, 3, H, W) tensor in [-1, 1]. Unset sampling options come from the checkpoint.
+        ``init_image`` (a path, a PIL image or a (3, H, W) tensor in [-1, 1]) with ``strength`` in (0, 1]
+        draws image-to-image."""
         if output not in ("pil", "pt"):
             raise InputError(f"output must be 'pil' or 'pt', got {output!r}")
         if isinstance(prompts, str):
             prompts = [prompts]
+        if isinstance(classes, int):
+            classes = [classes]
         how = replace(self.defaults, **{k: v for k, v in (("sampler", sampler), ("steps", steps), ("cfg", cfg),
                                                           ("spacing", spacing)) if v is not None})
         if init_image is not None:
             init_image = load_image(init_image, self.resolution)
             strength = DEFAULT_STRENGTH if strength is None else strength
-        images = generate(self, prompts, n=n, steps=how.steps, sampler=how.sampler, cfg=how.cfg, seed=seed,
-                          batch_size=batch_size, spacing=how.spacing, init_image=init_image,
+        images = generate(self, prompts, classes=classes, n=n, steps=how.steps, sampler=how.sampler, cfg=how.cfg,
+                          seed=seed, batch_size=batch_size, spacing=how.spacing, init_image=init_image,
                           strength=1.0 if strength is None else strength, progress=progress)
         if output == "pt":
             return images
@@ -306,16 +315,22 @@ def initial_noise(count: int, shape: tuple[int, ...], seed: int, first: int = 0)
 def sample_latents(unet, schedule: NoiseSchedule, prediction: str, noise: torch.Tensor, sigmas: torch.Tensor, *,
                    sampler: str = DEFAULT_SAMPLER, context: torch.Tensor | None = None,
                    context_lengths: torch.Tensor | None = None, uncond: tuple | None = None, cfg: float = 1.0,
-                   init: torch.Tensor | None = None, generator: torch.Generator | None = None,
-                   disable: bool | None = True) -> torch.Tensor:
+                   class_labels: torch.Tensor | None = None, init: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None, disable: bool | None = True) -> torch.Tensor:
     """Run ``sampler`` over ``sigmas`` from ``init + sigmas[0] * noise`` (``init`` None: pure noise).
 
     noise (B, C, h, w) standard normal; context (B, L, width) and context_lengths (B,) the prompts'
     tokens; uncond (context (1, L', width), lengths (1,)) the empty prompt's, used with ``cfg`` != 1
-    for classifier-free guidance. -> (B, C, h, w) latents."""
+    for classifier-free guidance; or class_labels (B,) of a class-conditional UNet, guided against its
+    null class with ``cfg`` != 1. -> (B, C, h, w) latents."""
     denoiser = Denoiser(unet, schedule, prediction)
     extra = {}
-    if context is not None:
+    if class_labels is not None:
+        extra = {"class_labels": class_labels}
+        if cfg != 1.0:
+            denoiser = ClassCFGDenoiser(denoiser, cfg)
+            extra["null_class"] = unet.config.num_classes
+    elif context is not None:
         extra = {"context": context, "context_lengths": context_lengths}
         if uncond is not None and cfg != 1.0:
             denoiser = CFGDenoiser(denoiser, cfg)
@@ -336,14 +351,26 @@ def encode_prompts(encoder, prompts: list[str], device) -> tuple[torch.Tensor, t
 
 
 @torch.no_grad()
-def generate(pipe: Pipeline, prompts: list[str] | None, *, n: int = 1, steps: int = DEFAULT_STEPS,
-             sampler: str = DEFAULT_SAMPLER, cfg: float = DEFAULT_CFG, seed: int = 0, batch_size: int = 16,
-             spacing: str | None = None, init_image: torch.Tensor | None = None, strength: float = 1.0,
-             encoded: tuple | None = None, progress: bool = False) -> torch.Tensor:
-    """``n`` images for each prompt (prompt-major), or ``n`` images of an unconditional UNet (``prompts``
-    None). ``init_image`` (3, H, W) in [-1, 1] at the pipeline's resolution with ``strength`` in (0, 1]
-    for image-to-image. ``encoded``: (context, lengths, uncond) from ``encode_prompts`` instead of
-    running ``pipe.encoder``. -> (P * n, 3, H, W) float32 in [-1, 1], on the CPU."""
+def generate(pipe: Pipeline, prompts: list[str] | None, *, classes: list[int] | None = None, n: int = 1,
+             steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, cfg: float = DEFAULT_CFG, seed: int = 0,
+             batch_size: int = 16, spacing: str | None = None, init_image: torch.Tensor | None = None,
+             strength: float = 1.0, encoded: tuple | None = None, progress: bool = False) -> torch.Tensor:
+    """``n`` images for each prompt (prompt-major), for each class label of a class-conditional UNet
+    (``classes``, class-major), or ``n`` images of an unconditional UNet (``prompts`` None).
+    ``init_image`` (3, H, W) in [-1, 1] at the pipeline's resolution with ``strength`` in (0, 1] for
+    image-to-image. ``encoded``: (context, lengths, uncond) from ``encode_prompts`` instead of running
+    ``pipe.encoder``. -> (P * n, 3, H, W) float32 in [-1, 1], on the CPU."""
+    labels = None
+    if pipe.num_classes is not None:
+        if not classes:
+            raise ValueError(f"generate: this UNet is class-conditional; give at least one class "
+                             f"(0..{pipe.num_classes - 1})")
+        bad = [c for c in classes if not (isinstance(c, int) and 0 <= c < pipe.num_classes)]
+        if bad:
+            raise ValueError(f"generate: classes {bad} lie outside 0..{pipe.num_classes - 1}")
+        labels = torch.tensor(list(classes), dtype=torch.long, device=pipe.device)  # (P,)
+    elif classes:
+        raise ValueError("generate: this UNet takes no class labels (num_classes is None)")
     if pipe.conditional:
         if not prompts:
             raise ValueError("generate: this UNet is text-conditional; give at least one prompt")
@@ -351,11 +378,13 @@ def generate(pipe: Pipeline, prompts: list[str] | None, *, n: int = 1, steps: in
             raise ValueError("generate: the pipeline was loaded without its text encoder; pass encoded=")
         context, lengths, uncond = encoded or encode_prompts(pipe.encoder, prompts, pipe.device)
         rows = len(prompts)
+        if labels is not None and len(labels) != rows:
+            raise ValueError(f"generate: {rows} prompts but {len(labels)} classes; give one class per prompt")
     else:
         if prompts:
-            raise ValueError("generate: this UNet is unconditional; it takes no prompts")
+            raise ValueError("generate: this UNet takes no prompts (context_dim is None)")
         context = lengths = uncond = None
-        rows = 1
+        rows = 1 if labels is None else len(labels)
     total = rows * n
     device = pipe.device
     sigmas = sampling_sigmas(pipe.schedule, steps, sampler, spacing, strength, device=device)
@@ -372,9 +401,11 @@ def generate(pipe: Pipeline, prompts: list[str] | None, *, n: int = 1, steps: in
         count = min(batch_size, total - start)
         noise = initial_noise(count, pipe.latent_shape, seed, start).to(device)  # (b, C, h, w)
         cond = {}
+        rows_idx = torch.arange(start, start + count, device=device) // n  # prompt (class) of each image
         if context is not None:
-            rows_idx = torch.arange(start, start + count, device=device) // n  # prompt of each image
             cond = {"context": context[rows_idx], "context_lengths": lengths[rows_idx], "uncond": uncond}
+        if labels is not None:
+            cond["class_labels"] = labels[rows_idx]  # (b,)
         gen = torch.Generator(device).manual_seed(seed + start)
         with pipe.autocast():
             z = sample_latents(pipe.unet, pipe.schedule, pipe.prediction, noise, sigmas, sampler=sampler, cfg=cfg,

@@ -4,10 +4,12 @@
     python -m ldm.sample --prompt "a large red circle in the center on a black background" --n 8
     python -m ldm.sample --prompts-file prompts.txt --sampler ddpm --steps 1000 --cfg 3 --seed 1
     python -m ldm.sample --init-image photo.png --strength 0.5 --prompt "..."      # image-to-image
+    python -m ldm.sample --unet runs/digits-unet --class 7 --n 8    # a class-conditional UNet (the digits)
     python -m ldm.sample --unet DIR --prompt "..."                  # DIR from python -m ldm.convert from-diffusers
     python -m ldm.sample --from-diffusers PATH --prompt "..."       # a Stable Diffusion 1.x folder
 
-The grid has one row per prompt and ``--n`` images a row; ``--images DIR`` also writes each image.
+The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
+given) and ``--n`` images a row; ``--images DIR`` also writes each image.
 Image ``k`` (prompt-major order) starts from noise drawn on the CPU from seed ``--seed + k``, so it
 is the same whatever the batch size, the number of prompts after it, or the device. A shell over
 ``ldm.Pipeline`` (``ldm/pipeline.py``).
@@ -32,11 +34,25 @@ GRID_SIDE = 128  # small images are scaled up in the grid to about this many pix
 
 
 # ------------------------------------------------------------------------------------------- CLI
+def read_classes(args: argparse.Namespace, pipe: Pipeline) -> list[int] | None:
+    """The ``--class`` labels of a class-conditional UNet (default: every class); None for any other UNet."""
+    n = pipe.num_classes
+    if n is None:
+        if args.classes:
+            raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is not class-conditional "
+                             "(num_classes null); it takes no --class")
+        return None
+    bad = [c for c in args.classes or [] if not 0 <= c < n]
+    if bad:
+        raise InputError(f"--class {bad[0]}: the UNet draws classes 0..{n - 1}")
+    return list(args.classes) if args.classes else list(range(n))
+
+
 def read_prompts(args: argparse.Namespace, pipe: Pipeline) -> list[str] | None:
     if not pipe.conditional:
         if args.prompt or args.prompts_file:
-            raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is unconditional (context_dim null); "
-                              "it takes no --prompt or --prompts-file")
+            raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is not text-conditional "
+                              "(context_dim null); it takes no --prompt or --prompts-file")
         return None
     prompts = list(args.prompt or [])
     if args.prompts_file:
@@ -79,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for more)")
     what.add_argument("--prompts-file", default=None, metavar="FILE", help="prompts, one a line")
+    what.add_argument("--class", dest="classes", type=int, action="append", metavar="N",
+                      help="a class label of a class-conditional UNet, a row each (repeat for more; "
+                           "default: every class)")
     what.add_argument("--n", type=int, default=4, help="images per prompt (default 4)")
     what.add_argument("--init-image", default=None, metavar="PATH", help="start from this image (image-to-image)")
     what.add_argument("--strength", type=float, default=None,
@@ -126,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         pipe = Pipeline.from_pretrained(args.unet, vae=args.vae, text_encoder=args.text_encoder, device=device)
     prompts = read_prompts(args, pipe)
+    classes = read_classes(args, pipe)
     sampler = args.sampler or pipe.defaults.sampler
     steps = args.steps or pipe.defaults.steps
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
@@ -133,15 +153,16 @@ def run(args: argparse.Namespace) -> int:
     if args.init_image is not None:
         init = load_image(args.init_image, pipe.resolution, what="--init-image")
         strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
-    images = generate(pipe, prompts, n=args.n, steps=steps, sampler=sampler, cfg=cfg, seed=args.seed,
+    images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg, seed=args.seed,
                       batch_size=args.batch_size, spacing=args.spacing, init_image=init, strength=strength,
                       progress=args.progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.n, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)
-    rows = prompts or ["(unconditional)"]
+    rows = prompts or [f"class {c}" for c in classes or []] or ["(unconditional)"]
+    guided = pipe.conditional or classes is not None
     print(f"sample: wrote {out}: {len(rows)} row(s) of {args.n}, {images.shape[-1]} x {images.shape[-2]} each "
-          f"({sampler}, {steps} steps, cfg {cfg if pipe.conditional else 'n/a'}, seed {args.seed})", file=sys.stderr)
+          f"({sampler}, {steps} steps, cfg {cfg if guided else 'n/a'}, seed {args.seed})", file=sys.stderr)
     for i, text in enumerate(rows):
         print(f"  row {i}: {text}", file=sys.stderr)
     if args.images:

@@ -3,8 +3,9 @@
     sample_x(model, x, sigmas, extra_args=None, callback=None, disable=None, **options) -> x0
 
 ``model(x, sigma, **extra_args) -> denoised x0`` is the denoiser contract (``ldm.diffusion.Denoiser``
-wraps a network, ``CFGDenoiser`` adds classifier-free guidance); ``x`` is the starting noise already
-scaled by ``sigmas[0]``; ``sigmas`` decreases to 0 (``get_sigmas``). ``callback`` gets a dict
+wraps a network, ``CFGDenoiser`` adds classifier-free guidance on text, ``ClassCFGDenoiser`` on class
+labels); ``x`` is the starting noise already scaled by ``sigmas[0]``; ``sigmas`` decreases to 0
+(``get_sigmas``). ``callback`` gets a dict
 (``x``, ``i``, ``sigma``, ``sigma_next``, ``denoised``) after every step; ``disable`` turns the
 progress bar off (None: off when not on a terminal). Stochastic samplers take ``generator=``.
 In these coordinates (x = x0 + sigma * noise) every update below is a few lines; the papers'
@@ -315,6 +316,32 @@ class CFGDenoiser(nn.Module):
         sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(B)  # (B,)
         out = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]), context=both,
                                context_lengths=lengths, **extra_args)  # (2B, ...)
+        cond, uncond = out.chunk(2)
+        return uncond + self.scale * (cond - uncond)
+
+
+class ClassCFGDenoiser(nn.Module):
+    """Classifier-free guidance of a class-conditional model: ``uncond + scale * (cond - uncond)``, the
+    unconditional half run as the null class, both halves in ONE batched call of the wrapped denoiser.
+
+    ``cfg(x, sigma, class_labels, *, null_class)``; class_labels (B,) integers, null_class the
+    label the model was trained to treat as "no class" (``UNetConfig.num_classes``).
+    """
+
+    def __init__(self, model, scale: float):
+        super().__init__()
+        self.inner_model = model
+        self.scale = scale
+
+    def forward(self, x, sigma, class_labels, *, null_class: int, **extra_args):
+        B = x.shape[0]
+        if class_labels.shape != (B,):
+            raise ValueError(f"ClassCFGDenoiser: class_labels must be ({B},) for x of batch {B}, "
+                             f"got {tuple(class_labels.shape)}")
+        labels = torch.cat([class_labels, torch.full_like(class_labels, null_class)])  # (2B,)
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=x.dtype).expand(B)  # (B,)
+        out = self.inner_model(torch.cat([x, x]), torch.cat([sigma, sigma]), class_labels=labels,
+                               **extra_args)  # (2B, ...)
         cond, uncond = out.chunk(2)
         return uncond + self.scale * (cond - uncond)
 

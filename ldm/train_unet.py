@@ -3,6 +3,7 @@
     python -m ldm.train_unet --text                     # the CPU demo: built-in shapes, runs/vae's VAE, MiniLM
     python -m ldm.train_unet                            # an unconditional model of the same data
     python -m ldm.train_unet --text --resume            # continue runs/unet from its last checkpoint
+    python -m ldm.train_unet --data digits --class-cond --vae runs/digits-vae --out runs/digits-unet
     python -m ldm.train_unet --text --data DIR --preset small --text-encoder PATH --batch-size 256
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
@@ -37,7 +38,7 @@ import sys
 
 import torch.distributed as dist
 
-from ldm.diffusion import SCHEDULES
+from ldm.diffusion import PREDICTIONS, SCHEDULES
 from ldm.distributed import init_distributed
 from ldm.errors import InputError
 from ldm.trainer import config_from_args, given_fields
@@ -52,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vae", default="runs/vae", metavar="DIR",
                       help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution")
     data.add_argument("--data", default=None, metavar="DIR",
-                      help="image folder (metadata.jsonl or .txt captions); default: the built-in shapes")
+                      help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
+                           "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")
     data.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl (default text)")
     data.add_argument("--cache-images", type=int, default=DEMO.cache_images,
                       help=f"items of the dataset to encode into the cache (default {DEMO.cache_images}; "
@@ -60,22 +62,26 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--cache-dir", default=None, metavar="DIR",
                       help="where the latent and text caches live (default OUT/cache); runs may share one")
     data.add_argument("--workers", type=int, default=0, help="data loader processes while caching (default 0)")
-    text = p.add_argument_group("text conditioning")
+    text = p.add_argument_group("conditioning")
     text.add_argument("--text", action="store_true", help="condition on captions (default: unconditional)")
     text.add_argument("--text-encoder", default=None, metavar="PATH",
                       help="local Hugging Face text encoder folder (default: the packaged all-MiniLM-L6-v2); "
                            "the UNet's context width follows it")
     text.add_argument("--cfg-drop", type=float, default=DEMO.cfg_drop,
-                      help=f"share of captions replaced by the empty prompt, for classifier-free guidance "
-                           f"(default {DEMO.cfg_drop})")
+                      help=f"share of captions replaced by the empty prompt (or of class labels by the null "
+                           f"class), for classifier-free guidance (default {DEMO.cfg_drop})")
+    text.add_argument("--class-cond", action="store_true",
+                      help="condition on the class labels of a labelled dataset (--data digits) instead of text: "
+                           "a learned class embedding, with a null class for guidance")
     model = p.add_argument_group("model and objective")
     model.add_argument("--preset", choices=list(UNET_CONFIGS), default=DEMO.preset,
                        help=f"UNet size (default {DEMO.preset})")
     model.add_argument("--unet-override", action="append", default=[], metavar="KEY=VALUE",
                        help="replace a field of the preset's UNetConfig, VALUE in JSON, e.g. model_channels=32 "
                             "or channel_mult=[1,2,2] (repeatable)")
-    model.add_argument("--prediction", choices=("eps", "v"), default=DEMO.prediction,
-                       help=f"what the UNet predicts (default {DEMO.prediction})")
+    model.add_argument("--prediction", choices=PREDICTIONS, default=DEMO.prediction,
+                       help=f"what the UNet predicts: the noise, v (Salimans & Ho 2022) or the clean latent "
+                            f"(default {DEMO.prediction})")
     model.add_argument("--schedule", choices=list(SCHEDULES), default=DEMO.schedule,
                        help=f"noise schedule, 1000 steps (default {DEMO.schedule})")
     model.add_argument("--min-snr-gamma", type=float, default=DEMO.min_snr_gamma,

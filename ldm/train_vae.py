@@ -2,6 +2,7 @@
 
     python -m ldm.train_vae                                  # the CPU demo: 32 x 32 shapes, `tiny` preset
     python -m ldm.train_vae --out runs/vae --resume          # continue from the last checkpoint
+    python -m ldm.train_vae --data digits --resolution 16 --out runs/digits-vae   # real handwritten digits
     python -m ldm.train_vae --data DIR --resolution 256 --preset sd --batch-size 8 --disc-start 50000
 
 The output folder holds ``vae.safetensors`` + ``vae.json`` (config, latent scale factor,
@@ -32,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     data = p.add_argument_group("data")
     data.add_argument("--data", default=None, metavar="DIR",
-                      help="image folder (metadata.jsonl or .txt captions); default: the built-in shapes")
+                      help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
+                           "digits (8 x 8, upsampled to --resolution); default: the built-in shapes")
     data.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl (default text)")
     data.add_argument("--crop", choices=("center", "random"), default="random",
                       help="square crop after resizing the short side (default random)")

@@ -4,11 +4,13 @@ Vaswani et al. 2017.
 
 The model contract, used by the diffusion maths, the samplers and the training scripts:
 
-    unet(x, t, context=None, context_lengths=None) -> (B, out_channels, H, W)
+    unet(x, t, context=None, context_lengths=None, class_labels=None) -> (B, out_channels, H, W)
 
 x (B, in_channels, H, W) noisy latents; t (B,) float timesteps in [0, T) (fractional values are
 fine: the embedding is continuous); context (B, L, context_dim) text tokens; context_lengths (B,)
-integers, the number of valid tokens of each row (the rest is padding that no query attends to).
+integers, the number of valid tokens of each row (the rest is padding that no query attends to);
+class_labels (B,) integers in [0, num_classes] for a class-conditional UNet, num_classes being the
+"null" class that classifier-free guidance takes as unconditional.
 
 Layout (for SD 1.x: 320 channels, multipliers 1, 2, 4, 4):
 
@@ -67,6 +69,10 @@ class UNetConfig:
     # and added to the timestep embedding (the pooled text embedding of Imagen, Saharia et al. 2022).
     # Off in SD 1.x, which sees the text through cross-attention only; nothing to pool without a context.
     pooled_context: bool = False
+    # Class-conditional: a learned embedding of the label (num_classes + 1 rows, the last one the "null"
+    # class of classifier-free guidance) added to the timestep embedding, as in ADM (Dhariwal & Nichol
+    # 2021) and DiT. None: no class input.
+    num_classes: int | None = None
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # JSON gives lists back
@@ -82,6 +88,8 @@ class UNetConfig:
         if bad:
             raise ValueError(f"UNetConfig: attention_levels {self.attention_levels} name levels outside "
                              f"0..{levels - 1} (channel_mult has {levels} levels)")
+        if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
+            raise ValueError(f"UNetConfig: num_classes must be a positive integer or None, got {self.num_classes}")
         if self.context_dim is not None and self.context_dim <= 0:
             raise ValueError(f"UNetConfig: context_dim must be positive or None, got {self.context_dim}")
         for m in self.channel_mult:
@@ -313,7 +321,8 @@ class Mid(nn.Module):
 
 
 class UNet(nn.Module):
-    """``unet(x, t, context=None, context_lengths=None) -> (B, out_channels, H, W)``, see the module docstring."""
+    """``unet(x, t, context=None, context_lengths=None, class_labels=None) -> (B, out_channels, H, W)``, see the
+    module docstring."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -328,6 +337,10 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(mc, emb_dim)
         pooled = cfg.pooled_context and cfg.context_dim is not None
         self.context_pool = nn.Linear(cfg.context_dim, emb_dim) if pooled else None
+        self.class_embed = None
+        if cfg.num_classes is not None:  # row num_classes: the null class
+            self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
+            nn.init.normal_(self.class_embed.weight, std=0.02)  # as DiT's label embedding
         self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
 
         skip_chans, ch = [mc], mc  # the channels of every tensor the down path leaves for the up path
@@ -366,7 +379,20 @@ class UNet(nn.Module):
             return checkpoint(block, *args, use_reentrant=False)
         return block(*args)
 
-    def _check_inputs(self, x, t, context, context_lengths):
+    def _check_labels(self, class_labels, B):
+        n = self.config.num_classes
+        if n is None:
+            if class_labels is not None:
+                raise ValueError("UNet: this model takes no class labels (num_classes=None)")
+            return
+        if not isinstance(class_labels, torch.Tensor) or class_labels.shape != (B,):
+            got = tuple(class_labels.shape) if isinstance(class_labels, torch.Tensor) else class_labels
+            raise ValueError(f"UNet: this model is class-conditional; class_labels must be a tensor of shape "
+                             f"({B},), got {got}")
+        if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
+            raise ValueError(f"UNet: class_labels must be integers, got {class_labels.dtype}")
+
+    def _check_inputs(self, x, t, context, context_lengths, class_labels=None):
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -375,6 +401,7 @@ class UNet(nn.Module):
         if not isinstance(t, torch.Tensor) or t.shape not in ((B,), ()):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"UNet: t must be a tensor of shape ({B},) matching x's batch, got {got}")
+        self._check_labels(class_labels, B)
         if cfg.context_dim is None:
             if context is not None or context_lengths is not None:
                 raise ValueError("UNet: this model is unconditional (context_dim=None) but got a context")
@@ -393,10 +420,12 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet: context_lengths must be integers, got {context_lengths.dtype}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                context_lengths: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_inputs(x, t, context, context_lengths)
+                context_lengths: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, t, context, context_lengths, class_labels)
         t = t.expand(x.shape[0])  # (B,)
         emb = self.time_embed(t)  # (B, 4 * mc)
+        if self.class_embed is not None:
+            emb = emb + self.class_embed(class_labels).to(emb.dtype)  # (B, 4 * mc)
         if self.context_pool is not None:
             emb = emb + self.context_pool(masked_mean(context, context_lengths).to(emb.dtype))  # (B, 4 * mc)
         emb = F.silu(emb)  # the SiLU every ResBlock applies first

@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.checkpoint import rng_state, set_rng_state
-from ldm.data import open_dataset
+from ldm.data import BUILTIN, is_builtin, open_dataset
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.distributed import Dist, weights_digest
 from ldm.errors import InputError
@@ -45,7 +45,7 @@ EMA_WARMUP = 10  # decay(step) = min(ema_decay, (1 + step) / (EMA_WARMUP + step)
 COSINE_FLOOR = 0.1  # the cosine schedule decays to this share of the rate
 GIF_FRAME_MS = 400
 VAL_BATCH = 64  # images per sampler run of the validation grids
-FIXED_FIELDS = ("in_channels", "out_channels", "context_dim")  # follow the VAE and the text encoder
+FIXED_FIELDS = ("in_channels", "out_channels", "context_dim", "num_classes")  # the VAE's, the encoder's, the data's
 
 
 @dataclass
@@ -59,7 +59,7 @@ class TrainConfig:
 
     # data and cache
     vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution
-    data: str | None = None  # an image folder; None: the built-in shapes
+    data: str | None = None  # an image folder, or "digits" (ldm.data.digits); None: the built-in shapes
     caption_column: str = "text"
     cache_images: int = 10_000  # ~6300 distinct captions: the text encoder's share of the cache time
     cache_dir: str | None = None  # None: OUT/cache
@@ -67,7 +67,9 @@ class TrainConfig:
     # text conditioning
     text: bool = False
     text_encoder: str | None = None  # None: the packaged all-MiniLM-L6-v2
-    cfg_drop: float = 0.1
+    cfg_drop: float = 0.1  # share of captions (or class labels) dropped for classifier-free guidance
+    # class conditioning (a labelled dataset: --data digits): the UNet's class embedding instead of text
+    class_cond: bool = False
     # model and objective
     preset: str = "tiny"  # UNET_CONFIGS entry
     unet_override: list[str] = field(default_factory=list)  # KEY=VALUE (JSON) fields of the preset
@@ -116,8 +118,8 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "preset",
-              "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
+RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond",
+              "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
@@ -137,7 +139,8 @@ def parse_overrides(items: list[str]) -> dict:
             raise InputError(f"--unet-override {item!r}: expected KEY=VALUE with KEY a UNetConfig field "
                              f"({', '.join(sorted(names - set(FIXED_FIELDS)))})")
         if key in FIXED_FIELDS:
-            raise InputError(f"--unet-override {key}: set by the VAE's latent channels and the text encoder's width")
+            raise InputError(f"--unet-override {key}: set by the VAE's latent channels, the text encoder's width "
+                             "and the dataset's classes")
         try:
             out[key] = json.loads(value)
         except json.JSONDecodeError:
@@ -164,8 +167,12 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         raise InputError(f"--cfg-drop must lie in [0, 1), got {c.cfg_drop}")
     if c.batch_size % d.world:
         raise InputError(f"--batch-size {c.batch_size} does not split over {d.world} processes")
-    if c.data is not None and not Path(c.data).is_dir():
-        raise InputError(f"--data: folder not found: {c.data}")
+    if not is_builtin(c.data) and not Path(c.data).is_dir():
+        raise InputError(f"--data: folder not found: {c.data} (built-in: {', '.join(BUILTIN)})")
+    if c.class_cond and c.text:
+        raise InputError("--class-cond and --text: pick one conditioning")
+    if c.class_cond and c.data not in BUILTIN:
+        raise InputError("--class-cond needs a labelled dataset: --data digits")
     if c.text_encoder is not None and not c.text:
         raise InputError("--text-encoder needs --text (without it the UNet is unconditional)")
     if c.text_encoder is not None and not (Path(c.text_encoder) / "config.json").is_file():
@@ -189,13 +196,14 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 
 
 def save_validation(pipe: Pipeline, prompts: list[str] | None, encoded, n: int, steps: int, cfg: float,
-                    seed: int, path: Path, count: int) -> None:
-    """The EMA model on the fixed validation prompts and noise: one column per prompt, n rows
+                    seed: int, path: Path, count: int, classes: list[int] | None = None) -> None:
+    """The EMA model on the fixed validation prompts (or classes) and noise: one column per prompt, n rows
     (unconditional: ``count`` columns)."""
-    count = len(prompts) if prompts else count
-    images = generate(pipe, prompts, n=n if prompts else count * n, steps=steps, sampler=SAMPLER, cfg=cfg,
-                      seed=seed, batch_size=VAL_BATCH, encoded=encoded)  # (count * n, 3, H, W), prompt-major
-    if prompts:
+    rows = prompts or classes
+    count = len(rows) if rows else count
+    images = generate(pipe, prompts, classes=classes, n=n if rows else count * n, steps=steps, sampler=SAMPLER,
+                      cfg=cfg, seed=seed, batch_size=VAL_BATCH, encoded=encoded)  # (count * n, 3, H, W)
+    if rows:
         images = images.view(count, n, *images.shape[1:]).transpose(0, 1).reshape(-1, *images.shape[1:])
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=count, scale=max(1, 64 // images.shape[-1])).save(path)
@@ -241,9 +249,11 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     width = cache.tokens.shape[-1] if c.text else None
 
     torch.manual_seed(c.seed)
+    num_classes = dataset.num_classes if c.class_cond else None
     try:
         config = unet_config(c.preset, in_channels=latent_shape[0], out_channels=latent_shape[0],
-                             context_dim=width, gradient_checkpointing=c.grad_checkpointing, **overrides)
+                             context_dim=width, num_classes=num_classes, gradient_checkpointing=c.grad_checkpointing,
+                             **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
     if d.main and not resume:  # every input checked: only now touch an earlier run's outputs
@@ -274,6 +284,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     pipe = Pipeline(unet=ema, vae=vae, schedule=schedule, prediction=c.prediction, latent_shape=latent_shape,
                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     val_encoded = None
+    val_classes = list(range(num_classes)) if num_classes else None  # every class, one column each
     if c.text:
         val_encoded = (cache.tokens[cache.val_rows].float(), cache.token_lengths[cache.val_rows],
                        (cache.tokens[cache.empty_row][None].float(), cache.token_lengths[cache.empty_row][None]))
@@ -282,7 +293,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     log = MetricsLog(out / "metrics.jsonl", resume_step=start_step if parts is not None else None, enabled=d.main)
     B, b = c.batch_size, c.batch_size // d.world
     if d.main:
-        what = f"text-conditional ({width}-wide tokens)" if c.text else "unconditional"
+        what = (f"text-conditional ({width}-wide tokens)" if c.text else
+                f"class-conditional ({num_classes} classes)" if c.class_cond else "unconditional")
         print(f"train_unet: {c.preset} UNet, {count_parameters(model) / 1e6:.2f}M parameters, {what}, "
               f"{c.prediction}-prediction on the {c.schedule} schedule; {N} cached latents "
               f"{latent_shape} of {dataset.describe()['name']}; {c.steps} steps of {B}"
@@ -307,11 +319,11 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     def validate(step: int) -> None:
         if d.main:
             save_validation(pipe, val_prompts, val_encoded, c.val_images, c.val_steps, c.val_cfg, c.seed,
-                            out / "val" / f"step_{step:07d}.png", c.val_prompts)
+                            out / "val" / f"step_{step:07d}.png", c.val_prompts, val_classes)
             plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
 
     batches = Batches(cache, B, d, c.seed, c.cfg_drop, schedule.num_timesteps, device,
-                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std))
+                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes)
     ema_params, model_params = list(ema.parameters()), list(model.parameters())
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read before any save
@@ -391,7 +403,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                     vae=str(Path(c.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                     sampler=SAMPLER, sample_steps=c.val_steps, cfg_scale=c.val_cfg, val_prompts=val_prompts,
                     created_by=CREATED_BY,
-                    extra={"dataset": dataset.describe(), "cached_items": N, "steps": step, "batch_size": B,
+                    extra={"conditioning": "text" if c.text else "class" if c.class_cond else "none",
+                           "dataset": dataset.describe(), "cached_items": N, "steps": step, "batch_size": B,
                            "ema_decay": c.ema_decay, "eval": scores,
                            "training": {"world_size": d.world, "weights_sha256": digests,
                                         "seconds": round(train_seconds, 1)}})

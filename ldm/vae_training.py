@@ -22,7 +22,7 @@ import torch
 
 from autoencoder import VAE, VAE_CONFIGS, LossConfig, VAELoss, num_parameters
 from ldm.checkpoint import rng_state, set_rng_state
-from ldm.data import ShuffledStream, open_dataset
+from ldm.data import BUILTIN, ShuffledStream, is_builtin, open_dataset
 from ldm.errors import InputError
 from ldm.metrics import evaluate_vae, psnr
 from ldm.pretrained import save_vae
@@ -76,7 +76,7 @@ class VAETrainConfig:
 
     def resolved(self) -> VAETrainConfig:
         """The defaults that depend on the data filled in."""
-        builtin = self.data is None
+        builtin = is_builtin(self.data)
         steps = self.steps if self.steps is not None else (BUILTIN_STEPS if builtin else FOLDER_STEPS)
         return dataclasses.replace(
             self, steps=steps,
@@ -100,8 +100,8 @@ def check_config(c: VAETrainConfig) -> None:
     if c.resolution <= 0 or c.resolution % f:
         raise InputError(f"--resolution {c.resolution} is not divisible by the downsampling factor {f} "
                          f"of preset {c.preset!r}")
-    if c.data is not None and not Path(c.data).is_dir():
-        raise InputError(f"--data: folder not found: {c.data}")
+    if not is_builtin(c.data) and not Path(c.data).is_dir():
+        raise InputError(f"--data: folder not found: {c.data} (built-in: {', '.join(BUILTIN)})")
 
 
 def channels_last(x: torch.Tensor, device) -> torch.Tensor:
@@ -236,9 +236,9 @@ def train(c: VAETrainConfig, *, resume: bool = False, given=(), quiet: bool = Fa
     vae.latent_scale, vae.latent_shift = latent_scale_factor(vae, dataset, SCALE_SAMPLE, SCALE_BATCH, device, c.seed)
     scores = evaluate_vae(vae, held_out, EVAL_IMAGES, SCALE_BATCH, device)
     save_vae(out, vae, dataset=dataset.describe(), steps=step,
-             eval={**scores, "split": "eval" if c.data is None else "train images"}, created_by="ldm.train_vae")
+             eval={**scores, "split": "eval" if is_builtin(c.data) else "train images"}, created_by="ldm.train_vae")
     plot_curves(log.read(), ["l1", "d_loss"], out / "loss.png", title="train_vae: L1 per pixel, D loss")
     print(f"train_vae: PSNR {scores['psnr']:.2f} dB, SSIM {scores['ssim']:.4f} on {scores['images']} "
-          f"{'held-out' if c.data is None else 'training'} images; latent scale factor {vae.latent_scale:.4f}; "
+          f"{'held-out' if is_builtin(c.data) else 'training'} images; latent scale factor {vae.latent_scale:.4f}; "
           f"{train_seconds:.0f} s of training; wrote {out / 'vae.safetensors'}", file=sys.stderr)
     return 0

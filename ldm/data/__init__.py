@@ -1,4 +1,5 @@
-"""Training data: the built-in captioned shapes, image folders, and a resumable shuffled stream.
+"""Training data: the built-in captioned shapes, real handwritten digits, image folders, and a resumable
+shuffled stream.
 
 Every dataset here yields ``{"image": (3, R, R) float in [-1, 1], "text": caption}`` and has
 ``get(i, rng)`` (``rng`` draws any augmentation) and ``describe()`` (what a checkpoint records).
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ldm.data.digits import DigitsDataset
 from ldm.data.folder import FolderDataset
 from ldm.data.shapes import (
     BACKGROUNDS,
@@ -30,16 +32,27 @@ from ldm.data.shapes import (
     to_tensor,
 )
 
-__all__ = ["ShapesDataset", "FolderDataset", "ShuffledStream", "open_dataset", "read_attributes", "caption",
-           "render", "sample_attributes", "eval_prompts", "to_tensor", "VOCABULARY", "SHAPES", "COLOURS",
-           "SIZES", "POSITIONS", "BACKGROUNDS", "TEMPLATES"]
+__all__ = ["ShapesDataset", "DigitsDataset", "FolderDataset", "BUILTIN", "ShuffledStream", "open_dataset",
+           "is_builtin", "read_attributes", "caption", "render", "sample_attributes", "eval_prompts", "to_tensor",
+           "VOCABULARY", "SHAPES", "COLOURS", "SIZES", "POSITIONS", "BACKGROUNDS", "TEMPLATES"]
+
+
+BUILTIN = ("digits",)  # names ``--data`` takes besides a folder (a folder of that name: pass ./digits)
+
+
+def is_builtin(data: str | Path | None) -> bool:
+    """True for the built-in shapes (None) and the built-in datasets named in ``BUILTIN``."""
+    return data is None or (isinstance(data, str) and data in BUILTIN)
 
 
 def open_dataset(data: str | Path | None, resolution: int, *, split: str = "train", seed: int = 0,
                  caption_column: str = "text", crop: str = "center", flip: bool = False):
-    """The built-in shapes (``data`` None; ``split`` "train" or "eval") or an image folder."""
+    """The built-in shapes (``data`` None), the real handwritten digits (``data`` "digits"), both with
+    ``split`` "train" or "eval", or an image folder."""
     if data is None:
         return ShapesDataset(resolution, seed=seed, split=split)
+    if data == "digits":
+        return DigitsDataset(resolution, split=split, seed=seed)
     return FolderDataset(data, resolution, caption_column=caption_column, crop=crop, flip=flip, seed=seed)
 
 
