@@ -7,6 +7,18 @@ catch ``ValueError`` keep working.
 
 from __future__ import annotations
 
+import sys
+
 
 class InputError(ValueError):
     """Bad input: a missing or foreign file, a flag out of range, a model that does not fit."""
+
+
+def command_main(name: str, build_parser, run, argv: list[str] | None = None) -> int:
+    """A command's ``main``: parse ``argv``, ``run(args)``; an InputError is one line, exit status 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except InputError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2

@@ -25,7 +25,7 @@ from ldm.data.digits import NUM_CLASSES
 from ldm.digits_eval import (DEFAULT_PER_DIGIT, READER_EPOCHS, evaluate_digits, labelled_grid, real_reference,
                              train_reader)
 from ldm.distributed import resolve_device
-from ldm.errors import InputError
+from ldm.errors import InputError, command_main
 from ldm.pipeline import load_pipeline
 from ldm.samplers import SAMPLERS
 
@@ -110,12 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"eval_digits: error: {e}", file=sys.stderr)
-        return 2
+    return command_main("eval_digits", build_parser, run, argv)
 
 
 if __name__ == "__main__":

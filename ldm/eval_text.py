@@ -22,7 +22,7 @@ from pathlib import Path
 
 
 from ldm.distributed import resolve_device
-from ldm.errors import InputError
+from ldm.errors import InputError, command_main
 from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
 from ldm.pipeline import load_pipeline
 from ldm.pretrained import DEFAULT_SAMPLER, DEFAULT_STEPS
@@ -99,12 +99,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"eval_text: error: {e}", file=sys.stderr)
-        return 2
+    return command_main("eval_text", build_parser, run, argv)
 
 
 if __name__ == "__main__":

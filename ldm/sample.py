@@ -25,7 +25,7 @@ from pathlib import Path
 
 from ldm.data.folder import read_text_utf8
 from ldm.distributed import resolve_device
-from ldm.errors import InputError
+from ldm.errors import InputError, command_main
 from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_image
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
@@ -175,12 +175,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args)
-    except InputError as e:
-        print(f"sample: error: {e}", file=sys.stderr)
-        return 2
+    return command_main("sample", build_parser, run, argv)
 
 
 if __name__ == "__main__":
