@@ -31,6 +31,7 @@ import sys
 import tempfile
 import uuid
 from dataclasses import asdict, is_dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -264,24 +265,35 @@ def load_model_files(folder: str | Path, name: str) -> tuple[dict[str, torch.Ten
     return state, meta
 
 
-def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
-                           assign: bool = False) -> None:
-    """load_state_dict that names every missing, unexpected or mis-shaped key and the file. ``assign``
-    takes the tensors themselves as the parameters (a model built on the meta device: no copy, no init)."""
-    own = model.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    shapes = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in state and state[k].shape != own[k].shape]
+def few_keys(keys, n: int = 8) -> str:
+    """The first ``n`` of ``keys`` (sorted), and how many there are in all when more."""
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, Any], source: str, what: str) -> None:
+    """A state dict against the shapes a model's config gives: every key, nothing more, each shape. A
+    ValueError names ``source``, ``what`` it should fit, and every missing, unexpected or mis-shaped key."""
+    missing, unexpected = set(shapes) - set(state), set(state) - set(shapes)
+    mismatched = [f"{k} has shape {tuple(state[k].shape)}, the config gives {tuple(shapes[k])}"
+                  for k in shapes if k in state and tuple(state[k].shape) != tuple(shapes[k])]
     problems = []
     if missing:
-        problems.append(f"missing keys {missing[:8]}{' ...' if len(missing) > 8 else ''}")
+        problems.append(f"missing keys ({len(missing)} missing: {few_keys(missing)})")
     if unexpected:
-        problems.append(f"unexpected keys {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
-    if shapes:
-        problems.append(f"shape mismatches {shapes[:8]}")
+        problems.append(f"unexpected keys ({len(unexpected)} with no place: {few_keys(unexpected)})")
+    if mismatched:
+        problems.append(f"shape mismatches ({'; '.join(mismatched[:8])})")
     if problems:
-        raise ValueError(f"{source} does not fit {type(model).__name__}: " + "; ".join(problems))
+        raise ValueError(f"{source} does not fit {what}: " + "; ".join(problems))
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str,
+                           assign: bool = False) -> None:
+    """load_state_dict that names every missing, unexpected or mis-shaped key and the file (``check_state``).
+    ``assign`` takes the tensors themselves as the parameters (a model built on the meta device: no copy,
+    no init)."""
+    check_state(state, {k: v.shape for k, v in model.state_dict().items()}, source, type(model).__name__)
     model.load_state_dict(state, assign=assign)
 
 

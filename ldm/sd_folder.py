@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from autoencoder import VAE, VAEConfig
-from ldm.checkpoint import load_json, load_model_files, load_tensors, save_json, save_tensors
+from ldm.checkpoint import few_keys, load_json, load_model_files, load_tensors, save_json, save_tensors
 from ldm.diffusion import SCHEDULES, NoiseSchedule, check_prediction
 from ldm.pretrained import SD_CFG, UNET_NAME, VAE_NAME, TextEncoderSpec, UNetFile, save_unet, save_vae
 from ldm.sd_format import (
@@ -38,7 +38,6 @@ from ldm.sd_format import (
     SD_TEXT_ENCODER_OPTIONS,
     UNET_CARRIED,
     WEIGHTS_NAME,
-    _few,
     _meta_model,
     _unsupported,
     unet_config_from_diffusers,
@@ -140,7 +139,8 @@ def read_diffusers_weights(folder: str | Path, variant: str | None = None) -> di
             tensors = load_tensors(folder / shard, "diffusers weights shard")
             listed = {k for k, f in weight_map.items() if f == shard}
             if set(tensors) != listed:
-                raise ValueError(f"{folder / shard} holds {_few(set(tensors) ^ listed)} against what {index} lists")
+                raise ValueError(f"{folder / shard} holds {few_keys(set(tensors) ^ listed, 6)} against what "
+                                 f"{index} lists")
             state.update(tensors)
         return state
     present = sorted(p.name for p in folder.iterdir())

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from autoencoder import VAE, VAEConfig
+from ldm.checkpoint import check_state, few_keys
 from ldm.text import MAX_TOKENS
 from ldm.unet import RESNET_EPS, TIME_EMBED_MULT, UNet, UNetConfig
 
@@ -141,11 +142,6 @@ def vae_key_map(config: VAEConfig) -> dict[str, tuple[str, ...]]:
     return {k: (vae_diffusers_key(k),) for k in _shapes(VAE, config)}
 
 
-def _few(keys, n: int = 6) -> str:
-    keys = sorted(keys)
-    return ", ".join(keys[:n]) + (f" ... ({len(keys)} in all)" if len(keys) > n else "")
-
-
 def _is_1x1_twin(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
     """(C_out, C_in) vs (C_out, C_in, 1, 1): a linear layer and a 1x1 convolution with the same weights."""
     return tuple(a) + (1, 1) == tuple(b) or tuple(b) + (1, 1) == tuple(a)
@@ -159,9 +155,9 @@ def _from_diffusers(theirs: Mapping[str, torch.Tensor], shapes: Mapping[str, tor
     unknown, missing = set(theirs) - set(home), set(home) - set(theirs)
     problems = []
     if unknown:
-        problems.append(f"{len(unknown)} key(s) with no home in our {what}: {_few(unknown)}")
+        problems.append(f"{len(unknown)} key(s) with no home in our {what}: {few_keys(unknown, 6)}")
     if missing:
-        problems.append(f"{len(missing)} key(s) our {what} needs are missing: {_few(missing)}")
+        problems.append(f"{len(missing)} key(s) our {what} needs are missing: {few_keys(missing, 6)}")
     if problems:
         raise ValueError(f"{source}: " + "; ".join(problems))
     out = {}
@@ -185,25 +181,11 @@ def _from_diffusers(theirs: Mapping[str, torch.Tensor], shapes: Mapping[str, tor
     return out
 
 
-def _check_state(state: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size], source: str, what: str) -> None:
-    """Our state dict against the shapes its config gives: every key, nothing more, each shape."""
-    unknown, missing = set(state) - set(shapes), set(shapes) - set(state)
-    problems = []
-    if unknown:
-        problems.append(f"{len(unknown)} key(s) that our {what} config has no place for: {_few(unknown)}")
-    if missing:
-        problems.append(f"{len(missing)} key(s) missing: {_few(missing)}")
-    problems += [f"{k} has shape {tuple(state[k].shape)}, the config gives {tuple(shapes[k])}"
-                 for k in sorted(set(state) & set(shapes)) if state[k].shape != shapes[k]]
-    if problems:
-        raise ValueError(f"{source}: " + "; ".join(problems[:8]))
-
-
 def _to_diffusers(ours: Mapping[str, torch.Tensor], shapes: Mapping[str, torch.Size],
                   key_map: Mapping[str, tuple[str, ...]], source: str, what: str,
                   reshape: Callable[[str, torch.Tensor], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
     """Our state dict -> diffusers tensors (views: fused projections are split, not copied)."""
-    _check_state(ours, shapes, source, what)
+    check_state(ours, shapes, source, f"our {what}")
     out = {}
     for name, parts in key_map.items():
         t = reshape(name, ours[name]) if reshape else ours[name]
