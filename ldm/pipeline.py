@@ -25,7 +25,8 @@ import torch
 from autoencoder import VAE
 from ldm.diffusion import Denoiser, NoiseSchedule
 from ldm.errors import InputError
-from ldm.pretrained import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, VAE_NAME, file_digest, load_unet, load_vae
+from ldm.pretrained import (DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS, SD_CFG, VAE_NAME, check_sampling,
+                            file_digest, load_unet, load_vae)
 from ldm.runlog import to_uint8_images
 from ldm.samplers import SAMPLERS, SIGMA_CAP, CFGDenoiser, ClassCFGDenoiser, get_sigmas
 from ldm.unet import UNet
@@ -50,14 +51,12 @@ class SampleConfig:
     spacing: str | None = None
 
     def __post_init__(self):
-        if self.sampler not in SAMPLERS:
-            raise InputError(f"unknown sampler {self.sampler!r}; expected one of {list(SAMPLERS)}")
+        try:
+            check_sampling(self.sampler, self.steps, self.cfg, names=("steps", "guidance scale cfg"))
+        except ValueError as e:
+            raise InputError(str(e)) from None
         if self.spacing is not None and self.spacing not in SPACINGS:
             raise InputError(f"unknown sigma spacing {self.spacing!r}; expected one of {SPACINGS}")
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise InputError(f"steps must be a positive integer, got {self.steps!r}")
-        if not self.cfg >= 0:
-            raise InputError(f"guidance scale cfg must be >= 0, got {self.cfg}")
 
 
 @dataclass
@@ -241,7 +240,6 @@ def load_diffusers(path: str | Path, text_encoder: str | Path | None, device: to
                    load_text_encoder: bool = True) -> Pipeline:
     """A Stable Diffusion 1.x folder in diffusers' layout, read into our models (half precision under
     autocast on a GPU)."""
-    from ldm.pretrained import SD_CFG
     from ldm.sd_folder import SD_TEXT_ENCODER_OPTIONS, load_diffusers_pipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32

@@ -182,16 +182,17 @@ class UNetFile:
         return out
 
 
-def check_sampling(sampler, steps, cfg) -> None:
-    """ValueError unless the sampling defaults are ones ``ldm.Pipeline`` can run."""
+def check_sampling(sampler, steps, cfg, names: tuple[str, str] = ("sample_steps", "cfg_scale")) -> None:
+    """ValueError unless the sampling settings are ones ``ldm.Pipeline`` can run (unet.json's, and
+    ``SampleConfig``'s); ``names`` are what the caller calls the steps and the guidance scale."""
     from ldm.samplers import SAMPLERS
 
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; expected one of {list(SAMPLERS)}")
     if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
-        raise ValueError(f"sample_steps must be a positive integer, got {steps!r}")
+        raise ValueError(f"{names[0]} must be a positive integer, got {steps!r}")
     if not isinstance(cfg, (int, float)) or isinstance(cfg, bool) or not cfg >= 0:
-        raise ValueError(f"cfg_scale must be a number >= 0, got {cfg!r}")
+        raise ValueError(f"{names[1]} must be a number >= 0, got {cfg!r}")
 
 
 def save_unet(folder: str | Path, unet: torch.nn.Module, info: UNetFile) -> Path:
