@@ -18,7 +18,7 @@ import torch
 from conftest import SESSION_SEED
 from PIL import Image
 from safetensors.torch import load_file
-from t2i_helpers import RESOLUTION, make_vae, shared_assets, train_flags
+from t2i_helpers import RESOLUTION, SHARED_LR, make_vae, shared_assets, train_flags
 
 import ldm.latent_cache as latent_cache
 import ldm.train_unet as train_unet
@@ -142,7 +142,7 @@ def test_cache_holds_scaled_posterior_moments_and_each_caption_once(assets):
 
 def test_cache_is_reused_and_rebuilt_when_the_vae_changes(assets, tmp_path):
     seed = SESSION_SEED % 1000
-    rc, err = run(["--out", tmp_path / "again", "--lr", "3e-3", "--ckpt-every", "20"] + text_flags(assets, 40, seed)
+    rc, err = run(["--out", tmp_path / "again", "--lr", SHARED_LR, "--ckpt-every", "20"] + text_flags(assets, 40, seed)
                   + ["--val-every", "20"])
     assert rc == 0, err
     assert "reusing the latent cache" in err and "reusing the text cache" in err and "building" not in err
@@ -314,7 +314,7 @@ def test_resume_refuses_a_different_run_flag(assets, tmp_path):
     (tmp_path / "copy").mkdir()
     (tmp_path / "copy" / "checkpoints").symlink_to(assets["unet"] / "checkpoints")
     rc, err = run(["--out", tmp_path / "copy", "--resume", "--lr", "0.5", "--quiet"])
-    assert rc == 2 and "--lr 0.5 differs from the checkpoint's 0.003" in err
+    assert rc == 2 and f"--lr 0.5 differs from the checkpoint's {float(SHARED_LR)}" in err  # 0.005
 
 
 # ---------------------------------------------------------------- pieces
