@@ -1,5 +1,6 @@
-"""The UNet end to end: a training step and sampling, in images/s, for our UNet with our kernels on
-("ours") and off ("ours-torch", ``kernels.use_backend("torch")``) and for diffusers'
+"""The UNet end to end: a training step and sampling, in images/s, for our UNet as dispatched by
+default ("ours": kernels.dispatch's auto rule) and with our kernels off ("ours-torch",
+``kernels.use_backend("torch")``) and for diffusers'
 ``UNet2DConditionModel`` built at the identical configuration ("diffusers", the baseline of the
 ratios), so that both ratios come out of one run.
 

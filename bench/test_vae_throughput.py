@@ -1,5 +1,6 @@
-"""The VAE end to end: a training step, encoding and decoding, in images/s, for our VAE with our
-kernels on ("ours") and off ("ours-torch", ``kernels.use_backend("torch")``) and for diffusers'
+"""The VAE end to end: a training step, encoding and decoding, in images/s, for our VAE as dispatched by
+default ("ours": kernels.dispatch's auto rule) and with our kernels off ("ours-torch",
+``kernels.use_backend("torch")``) and for diffusers'
 ``AutoencoderKL`` built from the same ``VAEConfig`` ("diffusers", the baseline of the ratios; equal
 parameter counts, recorded side by side), so that every ratio comes out of one run.
 

@@ -6,8 +6,10 @@ Precedence, highest first:
      to flip whole models between our kernels and PyTorch);
   3. the environment: ``LDM_ATTENTION_BACKEND`` / ``LDM_GROUPNORM_BACKEND`` for one op,
      ``LDM_BACKEND`` for every op;
-  4. ``"auto"``: Triton when every tensor is on a CUDA device, Triton imports and the kernels take
-     the inputs (dtype; head dim up to 512 for attention), PyTorch otherwise.
+  4. ``"auto"``: what measured fastest on a GPU (bench/results/gpu-h200-2026-11-28.md): PyTorch's
+     SDPA for attention; our GroupNorm kernel for tensors of at least GROUPNORM_AUTO_MIN_ELEMENTS
+     elements on a CUDA device (when Triton imports and the kernel takes the inputs), PyTorch's
+     ops below that and everywhere else.
 
 This is the only place that decides. ``kernels.attention`` and ``kernels.group_norm`` run the
 implementation ``resolve_backend`` names (a forced backend that cannot take the inputs raises here,
@@ -91,6 +93,18 @@ ATTENTION_MAX_HEAD_DIM = 512  # widest row of kernels.attention.CONFIGS (the SD 
 GROUPNORM_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT32_MAX = 2**31 - 1  # the kernels index within one (batch, head) slice or one sample in int32
 
+# What "auto" runs on a GPU, from the H200 measurements of 2026-11-28 (kernels/attention.md and
+# kernels/groupnorm.md, "Measured on an H200"). Attention: SDPA's flash / cuDNN kernels took 0.75x
+# of our forward's GPU time at N = 4096 D = 40, the same at N = 1024 D = 80 and at 77 keys, 0.62x at
+# the VAE's D = 512, and launch at 5-8x less CPU time; our kernel stays one backend= away.
+# GroupNorm + SiLU: ours takes 3.7-9x less GPU time than eager but ~750 us more CPU time per
+# forward + backward (5 Triton launches and the custom-op layers against ATen's few), so it only
+# pays where the tensor is large enough for the GPU time saved (~25 us per million elements) to
+# cover that: the sd15 UNet's training step ran 1.07-1.25x slower with it, the sd VAE's 512-px
+# encode and decode 1.55x faster.
+AUTO_TRITON_OPS = ("groupnorm",)
+GROUPNORM_AUTO_MIN_ELEMENTS = 2**25  # the sd VAE's 128 x 512 x 512 activation of one image
+
 
 def _on_cuda(tensors: tuple[torch.Tensor, ...]) -> bool:
     return all(t.is_cuda for t in tensors)
@@ -147,20 +161,30 @@ def triton_refusal(op: str, *tensors: torch.Tensor, gpu: bool | None = None) -> 
     return _REFUSALS[op](_on_cuda(tensors) if gpu is None else gpu, *tensors)
 
 
+def auto_prefers_triton(op: str, *tensors: torch.Tensor) -> bool:
+    """Whether ``auto`` should run our kernel for these inputs on a GPU: the measured rule above
+    (sizes only, so a traced graph decides the same way)."""
+    if op not in AUTO_TRITON_OPS or not tensors:
+        return False
+    return tensors[0].numel() >= GROUPNORM_AUTO_MIN_ELEMENTS
+
+
 def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
     """The one place that decides which implementation runs ``op`` on ``tensors`` (its inputs, in
     order: q, k, v for attention, x and the parameters for group norm): "triton", "torch" or
     "xformers". The ops run what this returns; the models never decide.
 
-    ``auto`` picks Triton when every tensor is on a CUDA device, Triton imports and the kernels take
-    the inputs (dtype, head dim: triton_refusal), PyTorch otherwise. A forced backend that cannot run
+    ``auto`` picks Triton when auto_prefers_triton (the measured rule: GroupNorm on tensors of at
+    least GROUPNORM_AUTO_MIN_ELEMENTS elements), every tensor is on a CUDA device, Triton imports and
+    the kernels take the inputs (dtype, head dim: triton_refusal), PyTorch otherwise. A forced backend that cannot run
     raises one line: RuntimeError when it cannot run on this machine or device, ValueError when it
     cannot take these inputs. xformers has no GroupNorm: asked for it, group norm runs PyTorch's.
     """
     choice = requested_backend(op, backend)
     on_cuda = _on_cuda(tensors)
     if choice == "auto":
-        if on_cuda and triton_available() and triton_refusal(op, *tensors, gpu=True) is None:
+        if on_cuda and auto_prefers_triton(op, *tensors) and triton_available() \
+                and triton_refusal(op, *tensors, gpu=True) is None:
             return "triton"
         return "torch"
     if choice == "triton":

@@ -56,30 +56,40 @@ def qkv(D, dtype, N=5, H=1):
     return tuple(torch.zeros(2, N, H, D, dtype=dtype) for _ in range(3))
 
 
-@pytest.mark.parametrize("D,dtype,expected", [
-    (40, torch.bfloat16, "triton"), (80, torch.float16, "triton"), (160, torch.bfloat16, "triton"),
-    (512, torch.bfloat16, "triton"),  # the SD VAE's single head
-    (4, torch.float16, "triton"),  # the tiny UNet's (one 16-wide tile)
-    (40, torch.float32, "torch"),  # exact fp32 cannot use the tensor cores: SDPA
-    (640, torch.bfloat16, "torch"),  # past the widest row of the table
-    (64, torch.float64, "torch"),
+@pytest.mark.parametrize("D,dtype", [
+    (40, torch.bfloat16), (80, torch.float16), (160, torch.bfloat16), (512, torch.bfloat16), (4, torch.float16),
+    (40, torch.float32), (640, torch.bfloat16), (64, torch.float64),
 ])
-def test_auto_on_a_gpu_decides_by_dtype_and_head_dim(monkeypatch, D, dtype, expected):
+def test_auto_on_a_gpu_runs_sdpa_for_attention(monkeypatch, D, dtype):
+    """SDPA measured faster than our attention at every SD shape on an H200: auto never picks ours,
+    while a forced backend still can (the next test's refusals aside)."""
     for var in ("LDM_BACKEND", "LDM_ATTENTION_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     fake_cuda(monkeypatch)
-    assert resolve_backend("attention", "auto", *qkv(D, dtype)) == expected
+    q, k, v = qkv(D, dtype)
+    assert resolve_backend("attention", "auto", q, k, v) == "torch"
+    if dtype in (torch.float16, torch.bfloat16) and D <= 512:
+        assert resolve_backend("attention", "triton", q, k, v) == "triton"
+
+
+def big(dtype=torch.bfloat16, extra=0):
+    """A (1, 128, H, 512) tensor of GROUPNORM_AUTO_MIN_ELEMENTS + extra * 128 * 512 elements, without
+    the memory (expanded from one element: dispatch reads sizes only)."""
+    n = dispatch.GROUPNORM_AUTO_MIN_ELEMENTS // (128 * 512) + extra
+    return torch.zeros(1, 1, 1, 1, dtype=dtype).expand(1, 128, n, 512)
 
 
 @pytest.mark.parametrize("x,expected", [
-    (torch.zeros(2, 8, 3, 3, dtype=torch.bfloat16), "triton"), (torch.zeros(2, 8, 3, 3), "triton"),
-    (torch.zeros(2, 8, 3, 3, dtype=torch.float64), "torch"), (torch.zeros(0, 8, 3, 3), "torch"),
+    (big(), "triton"), (big(torch.float32, extra=1), "triton"), (big(torch.float16), "triton"),
+    (big(extra=-1), "torch"),  # one row under the measured threshold
+    (torch.zeros(2, 8, 3, 3, dtype=torch.bfloat16), "torch"),  # launch cost, not bandwidth, at this size
+    (big(torch.float64), "torch"), (torch.zeros(0, 8, 3, 3), "torch"),
 ])
 def test_auto_on_a_gpu_decides_group_norm_by_dtype_and_size(monkeypatch, x, expected):
     for var in ("LDM_BACKEND", "LDM_GROUPNORM_BACKEND"):
         monkeypatch.delenv(var, raising=False)
     fake_cuda(monkeypatch)
-    assert resolve_backend("groupnorm", "auto", x, torch.ones(8)) == expected
+    assert resolve_backend("groupnorm", "auto", x, torch.ones(128)) == expected
 
 
 @pytest.mark.parametrize("op,tensors,message", [

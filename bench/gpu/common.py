@@ -293,6 +293,15 @@ def kernels_off():
         _off["depth"] -= 1
 
 
+def triton_call(fn):
+    """``fn`` run with every op on our Triton kernels (``kernels.use_backend("triton")``), whatever
+    ``auto`` would pick: what the kernels do to a whole model."""
+    def call(*args, **kwargs):
+        with kernels.use_backend("triton"):
+            return fn(*args, **kwargs)
+    return call
+
+
 def off_call(fn):
     """``fn`` run inside ``kernels_off()`` at every call."""
     def call(*args, **kwargs):

@@ -2,8 +2,9 @@
 
 - UNet ``sd15``: a training step (bf16 autocast over fp32 weights, batch 8, 64 x 64 latents, 77 x 768
   context; ``diffusion_loss``, backward, AdamW) and 25 DPM-Solver++(2M) steps of sampling with
-  classifier-free guidance 7.5 (batch 4, one batched call of 2B per step), for our UNet with our
-  kernels ("ours"), with PyTorch's ops in their place ("ours-torch") and diffusers'
+  classifier-free guidance 7.5 (batch 4, one batched call of 2B per step), for our UNet as it runs by
+  default ("ours": kernels.dispatch's auto rule), with every op on our Triton kernels ("ours-triton",
+  GPU only), with PyTorch's ops in their place ("ours-torch") and diffusers'
   ``UNet2DConditionModel`` ("diffusers", the baseline), loaded with our weights through
   ``ldm.convert.unet_to_diffusers`` / ``unet_config_to_diffusers``.
 - VAE ``sd`` at 512 x 512, batch 4: encode (the posterior's mode) and decode, against
@@ -28,7 +29,7 @@ import torch.nn as nn
 
 from autoencoder import VAE, VAE_CONFIGS, VAEConfig
 from bench.gpu.common import CUT, FAILED, PASS, SKIPPED, Device, E2ERow, SectionClock, free_memory, interleave, \
-    off_call, rel_l2, short_error, unzero_
+    off_call, rel_l2, short_error, triton_call, unzero_
 from ldm.sd_format import unet_config_to_diffusers, unet_to_diffusers, vae_config_to_diffusers, vae_to_diffusers
 from ldm.diffusion import Denoiser, NoiseSchedule, diffusion_loss
 from ldm.samplers import CFGDenoiser, get_sigmas, sample_dpmpp_2m
@@ -43,7 +44,7 @@ GUIDANCE = 7.5
 TEXT_TOKENS = 77
 VAE_SCALING_FACTOR = 0.18215  # SD 1.x's; written into diffusers' config only, encode/decode do not use it
 BASELINE = "diffusers"
-PROVIDERS = ("ours", "ours-torch", BASELINE)
+PROVIDERS = ("ours", "ours-triton", "ours-torch", BASELINE)
 
 # A UNet diffusers can express, at toy size, for the dry run: two levels with cross-attention, the
 # cross-attention middle, 4 heads of 8 and 16 channels.
@@ -274,6 +275,8 @@ def time_mode(rows: list[E2ERow], model_name: str, case: str, mode: str, calls: 
     rows += mine.values()
     if missing:
         mine[BASELINE].note = missing
+    if "ours-triton" not in calls:
+        mine["ours-triton"].note = "GPU only: on the CPU Triton runs only through its interpreter"
     timed = {}
     for p, call in calls.items():
         ratio, note = checks[p]
@@ -332,6 +335,8 @@ def run_unet(rows: list[E2ERow], dev: Device, sizes: Sizes, clock: SectionClock,
     for mode, make, batch in (("train step", train_step, sizes.train_batch), ("sample", sampler, sizes.sample_batch)):
         calls = {"ours": make(ours, cfg, sizes, dev)}
         calls["ours-torch"] = off_call(calls["ours"])  # the same model and optimizer, our kernels off
+        if dev.type == "cuda":
+            calls["ours-triton"] = triton_call(calls["ours"])  # ... and every op on our kernels
         if theirs is not None:
             calls[BASELINE] = make(theirs, cfg, sizes, dev)
         label = f"{case}, batch {batch}" + (f", {sizes.steps} DPM-Solver++(2M) steps, CFG {GUIDANCE}"
@@ -347,6 +352,8 @@ def _checked(check, ours, theirs) -> dict[str, tuple[float, str]]:
     when diffusers is there, else ours with PyTorch's ops (fp32 reference, bf16 baseline). "ours-torch"
     is checked with our kernels off."""
     wrapped = {"ours": ours, "ours-torch": _OffModel(ours)}
+    if next(iter(ours.parameters())).is_cuda:
+        wrapped["ours-triton"] = _OffModel(ours, triton_call)
     if theirs is not None:
         wrapped[BASELINE] = theirs
         return check(wrapped, theirs, BASELINE)
@@ -354,19 +361,20 @@ def _checked(check, ours, theirs) -> dict[str, tuple[float, str]]:
 
 
 class _OffModel:
-    """A model whose every call (forward, encode, decode) runs with our kernels off."""
+    """A model whose every call (forward, encode, decode) runs through ``wrap`` (default: our kernels
+    off; ``triton_call``: every op on them)."""
 
-    def __init__(self, model):
-        self.model = model
+    def __init__(self, model, wrap=off_call):
+        self.model, self.wrap = model, wrap
 
     def __call__(self, *args, **kwargs):
-        return off_call(self.model)(*args, **kwargs)
+        return self.wrap(self.model)(*args, **kwargs)
 
     def encode(self, x):
-        return off_call(self.model.encode)(x)
+        return self.wrap(self.model.encode)(x)
 
     def decode(self, z):
-        return off_call(self.model.decode)(z)
+        return self.wrap(self.model.decode)(z)
 
     def eval(self):
         self.model.eval()
@@ -393,6 +401,8 @@ def run_vae(rows: list[E2ERow], dev: Device, sizes: Sizes, clock: SectionClock, 
     for mode in ("encode", "decode"):
         calls = {"ours": vae_call(ours, mode, cfg, sizes, dev)}
         calls["ours-torch"] = off_call(calls["ours"])
+        if dev.type == "cuda":
+            calls["ours-triton"] = triton_call(calls["ours"])
         if theirs is not None:
             calls[BASELINE] = vae_call(theirs, mode, cfg, sizes, dev)
         time_mode(rows, "vae", case, mode, calls, checks, sizes.vae_batch, dev, clock, sizes, missing)

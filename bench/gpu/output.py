@@ -169,7 +169,10 @@ def _e2e_md(sec: dict) -> list[str]:
         on_off.setdefault((r["model"], r["mode"]), {})[r["provider"]] = r["ms"]
     for (model, mode), t in on_off.items():
         if t.get("ours") and t.get("ours-torch"):
-            lines.append(f"\nOur kernels on / off, {model} {mode}: ×{t['ours-torch'] / t['ours']:.2f}")
+            lines.append(f"\nDefault dispatch / our kernels off, {model} {mode}: ×{t['ours-torch'] / t['ours']:.2f}")
+        if t.get("ours-triton") and t.get("ours-torch"):
+            lines.append(f"\nEvery op on our Triton kernels / off, {model} {mode}: "
+                         f"×{t['ours-torch'] / t['ours-triton']:.2f}")
     notes = dict.fromkeys(f"- {r['model']} {r['provider']}: {r['note']}" if r["status"] == PASS else
                           f"- {r['model']} {r['mode']} {r['provider']}: {r['status']}: {r['note']}"
                           for r in sec["rows"] if r["note"])  # a provider's check note once per model
