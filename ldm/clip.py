@@ -237,16 +237,22 @@ class HFCLIP(nn.Module):
         side = self.config.resolution
         x = F.interpolate(images.float(), size=(side, side), mode="bicubic", align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std  # (B, 3, side, side)
-        return F.normalize(self.model.get_image_features(pixel_values=x.to(self.mean.device)), dim=-1)
+        return F.normalize(projected(self.model.get_image_features(pixel_values=x.to(self.mean.device))), dim=-1)
 
     @torch.no_grad()
     def encode_text(self, prompts: list[str]) -> torch.Tensor:
         batch = self.tokenizer(list(prompts), padding=True, truncation=True, return_tensors="pt")
         batch = {k: v.to(self.mean.device) for k, v in batch.items()}
-        return F.normalize(self.model.get_text_features(**batch), dim=-1)
+        return F.normalize(projected(self.model.get_text_features(**batch)), dim=-1)
 
     def scale(self) -> torch.Tensor:
         return self.model.logit_scale.exp()
+
+
+def projected(out) -> torch.Tensor:
+    """``get_*_features`` returns the projected embedding (B, D): a tensor before transformers 5, the
+    output's ``pooler_output`` since."""
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
 
 
 def json_or_empty(path: Path) -> dict:
