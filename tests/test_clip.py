@@ -230,3 +230,38 @@ def test_eval_clip_errors_are_one_line(tmp_path, capsys):
         assert eval_clip.main(argv) == 2
         err = capsys.readouterr().err.strip().splitlines()
         assert len(err) == 1 and err[0].startswith("eval_clip: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("sigma", [0.3, 2.0, 14.0])
+def test_the_guidance_gradient_matches_finite_differences(sigma):
+    """D' - D = s sigma^2 grad_x <f_img(x c_in, t), text>, the gradient checked by central differences in float64."""
+    from ldm.clip_guidance import ClipGuidedDenoiser
+    from ldm.diffusion import NoiseSchedule
+
+    torch.manual_seed(SESSION_SEED)
+    clip = CLIP(TINY_NOISY).double().eval()
+    schedule = NoiseSchedule.from_name("linear")
+    g = torch.Generator().manual_seed(SESSION_SEED + 1)
+    x = torch.randn(2, 4, 4, 4, generator=g, dtype=torch.float64) * (1 + sigma ** 2) ** 0.5
+    text = F.normalize(torch.randn(2, TINY_NOISY.embed_dim, generator=g, dtype=torch.float64), dim=-1)
+    scale = 3.0
+    inner = lambda x, sigma: 0.5 * x  # noqa: E731  any denoiser: the guidance adds to whatever it says
+    guided = ClipGuidedDenoiser(inner, clip, text, scale, schedule)
+    sig = torch.full((2,), sigma, dtype=torch.float64)
+    with torch.no_grad():
+        added = guided(x, sig) - inner(x, sig)
+
+    def similarity(x):  # the sum over the batch, each image against its own prompt
+        c_in = (1 + sig ** 2).rsqrt().view(-1, 1, 1, 1)
+        return (clip.image_features(x * c_in, schedule.sigma_to_t(sig)) * text).sum().item()
+
+    eps = 1e-6
+    fd = torch.zeros_like(x)
+    for i in range(x.numel()):
+        e = torch.zeros(x.numel(), dtype=torch.float64)
+        e[i] = eps
+        e = e.view_as(x)
+        with torch.no_grad():
+            fd.view(-1)[i] = (similarity(x + e) - similarity(x - e)) / (2 * eps)
+    torch.testing.assert_close(added, scale * sigma ** 2 * fd, rtol=1e-6, atol=1e-9 * sigma ** 2)
+    assert fd.abs().max() > 1e-6  # a gradient that is there to compare
