@@ -199,6 +199,22 @@ def check_input(x: torch.Tensor, c: CLIPConfig) -> None:
                          f"got {tuple(x.shape)}")
 
 
+@torch.no_grad()
+def clip_score(clip, images: torch.Tensor, prompts: list[str], batch: int = 256) -> torch.Tensor:
+    """CLIP score (Hessel et al. 2021, without their 2.5 weight and clipping at 0): the cosine of each
+    image's embedding and its prompt's. images (N, 3, H, W) in [-1, 1], N prompts -> (N,)."""
+    if len(images) != len(prompts):
+        raise ValueError(f"clip_score: {len(images)} images but {len(prompts)} prompts")
+    if getattr(clip, "noise_aware", False):
+        raise InputError(f"{clip.meta.get('source', 'the CLIP')} is noise-aware (it reads latents); "
+                         "CLIP score needs a CLIP of pixels (python -m ldm.train_clip without --vae)")
+    out = []
+    for s in range(0, len(images), batch):
+        img = clip.encode_image(images[s:s + batch])  # (b, D)
+        out.append((img * clip.encode_text(prompts[s:s + batch])).sum(-1).cpu())
+    return torch.cat(out)
+
+
 def contrastive_loss(image: torch.Tensor, text: torch.Tensor, logit_scale: torch.Tensor) -> torch.Tensor:
     """Symmetric InfoNCE: pair i is the positive of row i and of column i among the batch's B pairs.
     image, text (B, D) unit norm; logit_scale 1 / temperature -> scalar loss."""

@@ -265,3 +265,76 @@ def test_the_guidance_gradient_matches_finite_differences(sigma):
             fd.view(-1)[i] = (similarity(x + e) - similarity(x - e)) / (2 * eps)
     torch.testing.assert_close(added, scale * sigma ** 2 * fd, rtol=1e-6, atol=1e-9 * sigma ** 2)
     assert fd.abs().max() > 1e-6  # a gradient that is there to compare
+
+
+def tiny_pipeline(tmp_path, context_dim=None):
+    from ldm.diffusion import NoiseSchedule
+    from ldm.pipeline import Pipeline
+    from ldm.pretrained import load_vae
+    from ldm.unet import UNet, UNetConfig
+
+    vae, _ = load_vae(make_vae(tmp_path / "vae", SESSION_SEED % 1000))
+    torch.manual_seed(SESSION_SEED)
+    unet = UNet(UNetConfig(in_channels=4, out_channels=4, model_channels=16, channel_mult=(1, 2), num_res_blocks=1,
+                           attention_levels=(), mid_attention=False, num_heads=2, context_dim=context_dim,
+                           norm_groups=8)).eval()
+    return Pipeline(unet=unet, vae=vae.eval(), schedule=NoiseSchedule.from_name("linear"), prediction="v",
+                    latent_shape=(4, 4, 4))
+
+
+def test_clip_guided_sampling_of_an_unconditional_unet(tmp_path):
+    from ldm.clip_guidance import ClipGuide
+    from ldm.pipeline import generate
+
+    pipe = tiny_pipeline(tmp_path)
+    torch.manual_seed(SESSION_SEED)
+    clip = CLIP(TINY_NOISY).eval()
+    text = F.normalize(torch.randn(2, TINY_NOISY.embed_dim), dim=-1)
+    run = lambda s: generate(pipe, ["a", "b"], n=2, steps=4, sampler="euler", seed=3,  # noqa: E731
+                             guide=ClipGuide(clip, text, s, pipe.schedule))
+    plain = generate(pipe, None, n=4, steps=4, sampler="euler", seed=3)
+    torch.testing.assert_close(run(0.0), plain)  # scale 0: the unguided images, the same noise
+    guided = run(50.0)
+    assert guided.shape == (4, 3, 16, 16) and (guided - plain).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="takes no prompts"):
+        generate(pipe, ["a"], n=1, steps=2, sampler="euler")
+
+
+def test_clip_guide_refuses_a_pixel_clip_and_other_latents():
+    from ldm.clip_guidance import clip_guide
+    from ldm.diffusion import NoiseSchedule
+
+    schedule = NoiseSchedule.from_name("linear")
+    with pytest.raises(InputError, match="noise-aware"):
+        clip_guide(CLIP(TINY), ["x"], 1.0, schedule, (3, 16, 16), "cpu")
+    with pytest.raises(InputError, match=r"reads latents \(4, 4, 4\)"):
+        clip_guide(CLIP(TINY_NOISY), ["x"], 1.0, schedule, (8, 8, 8), "cpu")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--clip-guidance", "5"], "--clip-guidance needs --clip"),
+    (["--clip", "x", "--clip-guidance", "-1"], "--clip-guidance must be >= 0"),
+])
+def test_sample_clip_flags_are_checked(argv, message, capsys):
+    from ldm import sample
+
+    assert sample.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_clip_score_is_the_cosine_of_image_and_prompt(encoder_dir):
+    from ldm.clip import clip_score
+
+    torch.manual_seed(SESSION_SEED)
+    clip = CLIP(TINY).eval().attach_encoder(TextEncoder(encoder_dir))
+    images = torch.rand(3, 3, 16, 16) * 2 - 1
+    prompts = ["a red circle", "a blue square on the left", "a small cross"]
+    got = clip_score(clip, images, prompts)
+    tokens, lengths = clip.encoder.encode(prompts)
+    with torch.no_grad():
+        img, txt = clip.image(images), clip.text(tokens, lengths)
+    want = F.cosine_similarity(img.double(), txt.double(), dim=-1).float()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(InputError, match="noise-aware"):
+        clip_score(CLIP(TINY_NOISY), torch.zeros(1, 4, 4, 4), ["x"])
