@@ -118,7 +118,8 @@ def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER
     prompts = [text for _, text in pairs]
     t0 = time.perf_counter()
     images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,
-                      spacing=spacing, progress=progress, guide=guide)  # (n, 3, H, W)
+                      spacing=spacing, progress=progress,
+                      **({"guide": guide} if guide is not None else {}))  # (n, 3, H, W)
     seconds = time.perf_counter() - t0
     shares, seen = score(images, [a for a, _ in pairs])
     misses = [{"prompt": p, "read": {a: s[a] for a in ATTRIBUTES}}
