@@ -124,7 +124,8 @@ def load_pairs(config: ClipTrainConfig) -> tuple[torch.Tensor, list[str], torch.
             {"name": "folder", "root": str(config.data), "held_out": f"every {HOLDOUT_MOD}th image"})
 
 
-def encode_captions(encoder, captions: list[str], quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def encode_captions(encoder, captions: list[str],
+                    quiet: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each distinct caption once -> (tokens (U, L, width) fp16, lengths (U,), index (N,) of each caption)."""
     unique = sorted(set(captions))
     where = {c: i for i, c in enumerate(unique)}
@@ -236,7 +237,8 @@ def train_clip(config: ClipTrainConfig, encoder, vae=None, vae_dir: str | None =
 # --------------------------------------------------------------------------------------------- scoring
 def single_prompts(attribute: str) -> dict[str, str]:
     """One short prompt per value of ``attribute`` ("a red shape", "a shape in the top left", ...)."""
-    say = {"shape": "a {v}", "colour": "a {v} shape", "size": "a {v} shape", "background": "a shape on a {v} background"}
+    say = {"shape": "a {v}", "colour": "a {v} shape", "size": "a {v} shape",
+           "background": "a shape on a {v} background"}
     values = VOCABULARY[attribute]
     if attribute == "position":
         return {v: f"a shape {WHERE[v]}" for v in values}

@@ -119,7 +119,8 @@ def run(args: argparse.Namespace) -> int:
             from ldm.data import eval_prompts
             from ldm.metrics import PROMPT_SEED
 
-            r["clip_score"] = clip_score(clip, r["images"], [t for _, t in eval_prompts(args.n, PROMPT_SEED)]).mean().item()
+            prompts = [t for _, t in eval_prompts(args.n, PROMPT_SEED)]
+            r["clip_score"] = clip_score(clip, r["images"], prompts).mean().item()
         if i == 0 and args.grid:
             image_grid(r["images"], nrow=20).save(args.grid)
         r.pop("images", None)

@@ -30,7 +30,8 @@ DEFAULTS = PriorTrainConfig()
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldm.train_prior", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    p.add_argument("--clip", default=DEFAULTS.clip, metavar="DIR", help=f"train_clip's folder (default {DEFAULTS.clip})")
+    p.add_argument("--clip", default=DEFAULTS.clip, metavar="DIR",
+                   help=f"train_clip's folder (default {DEFAULTS.clip})")
     p.add_argument("--out", default=DEFAULTS.out, help=f"output folder (default {DEFAULTS.out})")
     p.add_argument("--images", type=int, default=DEFAULTS.images, help=f"training scenes (default {DEFAULTS.images})")
     p.add_argument("--steps", type=int, default=DEFAULTS.steps, help=f"optimizer steps (default {DEFAULTS.steps})")

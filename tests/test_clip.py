@@ -86,7 +86,8 @@ def test_a_noise_aware_tower_reads_t_and_refuses_to_go_without_it():
     model = CLIP(TINY_NOISY).eval()
     x = torch.randn(2, 4, 4, 4)
     with torch.no_grad():
-        a, b = model.image_features(x, torch.tensor([10.0, 10.0])), model.image_features(x, torch.tensor([900.0, 900.0]))
+        a = model.image_features(x, torch.tensor([10.0, 10.0]))
+        b = model.image_features(x, torch.tensor([900.0, 900.0]))
     assert (a - b).abs().max() > 1e-4
     with pytest.raises(ValueError, match="needs the timestep"):
         model.image_features(x)
@@ -189,7 +190,8 @@ def test_a_short_run_learns_and_saves_a_loadable_clip(noisy, encoder_dir, tmp_pa
         from ldm.pretrained import load_vae
 
         vae, _ = load_vae(make_vae(tmp_path / "vae", SESSION_SEED % 1000))
-    config = ClipTrainConfig(out=str(tmp_path / "clip"), preset="latent" if noisy else "tiny", images=96, steps=60, batch_size=32, lr=5e-4, warmup=2,
+    config = ClipTrainConfig(out=str(tmp_path / "clip"), preset="latent" if noisy else "tiny", images=96, steps=60,
+                             batch_size=32, lr=5e-4, warmup=2,
                              resolution=16, seed=SESSION_SEED % 1000, log_every=1)
     train_loop(config, encoder, vae=vae, vae_dir=str(tmp_path / "vae") if noisy else None, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
