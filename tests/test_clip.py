@@ -340,3 +340,17 @@ def test_clip_score_is_the_cosine_of_image_and_prompt(encoder_dir):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     with pytest.raises(InputError, match="noise-aware"):
         clip_score(CLIP(TINY_NOISY), torch.zeros(1, 4, 4, 4), ["x"])
+
+
+def test_evaluate_prompts_scores_a_guided_unconditional_unet(tmp_path):
+    from ldm.clip_guidance import ClipGuide
+    from ldm.metrics import HEADLINE, evaluate_prompts
+
+    pipe = tiny_pipeline(tmp_path)
+    with pytest.raises(ValueError, match="unconditional"):
+        evaluate_prompts(pipe, 3, steps=2)
+    torch.manual_seed(SESSION_SEED)
+    clip = CLIP(TINY_NOISY).eval()
+    guide = ClipGuide(clip, F.normalize(torch.randn(3, TINY_NOISY.embed_dim), dim=-1), 5.0, pipe.schedule)
+    r = evaluate_prompts(pipe, 3, sampler="euler", steps=2, guide=guide, return_images=True)
+    assert r["images"].shape == (3, 3, 16, 16) and 0.0 <= r[HEADLINE] <= 1.0
