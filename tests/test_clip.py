@@ -190,17 +190,17 @@ def test_a_short_run_learns_and_saves_a_loadable_clip(noisy, encoder_dir, tmp_pa
         from ldm.pretrained import load_vae
 
         vae, _ = load_vae(make_vae(tmp_path / "vae", SESSION_SEED % 1000))
-    config = ClipTrainConfig(out=str(tmp_path / "clip"), preset="latent" if noisy else "tiny", images=96, steps=60,
+    config = ClipTrainConfig(out=str(tmp_path / "clip"), preset="latent" if noisy else "tiny", images=96, steps=100,
                              batch_size=32, lr=5e-4, warmup=2,
                              resolution=16, seed=SESSION_SEED % 1000, log_every=1)
     train_loop(config, encoder, vae=vae, vae_dir=str(tmp_path / "vae") if noisy else None, quiet=True)
     rows = [json.loads(line) for line in (tmp_path / "clip" / "metrics.jsonl").read_text().splitlines()]
     first, last = sum(r["loss"] for r in rows[:5]) / 5, sum(r["loss"] for r in rows[-5:]) / 5
-    if not noisy:  # most noise levels of a noise-aware run hide the image: 60 steps teach it little
-        assert last < 0.5 * first, (first, last)
+    if not noisy:  # most noise levels of a noise-aware run hide the image: 100 steps teach it little
+        assert last < 0.5 * first, (first, last)  # 24 seeds: last / first <= 0.073 at 100 steps, 0.37 at 60
     assert all(r["loss"] == r["loss"] for r in rows)
     clip = load_clip(tmp_path / "clip", text_encoder=encoder_dir)
-    assert clip.noise_aware == noisy and clip.meta["training"]["steps"] == 60
+    assert clip.noise_aware == noisy and clip.meta["training"]["steps"] == 100
     if not noisy:
         scenes = heldout_scenes(20)
         from ldm.clip_training import render_scenes
