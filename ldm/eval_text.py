@@ -3,6 +3,8 @@
     python -m ldm.eval_text                                       # runs/unet, 200 held-out prompts, DPM++ 20 steps
     python -m ldm.eval_text --sampler dpmpp_2m:20 --sampler ddpm:1000    # the two samplers on the same prompts
     python -m ldm.eval_text --n 500 --cfg 4 --json scores.json --grid samples.png
+    python -m ldm.eval_text --clip runs/clip      # also the CLIP score: cosine of image and prompt embeddings
+    python -m ldm.eval_text --unet runs/uncond --guide-clip runs/clip-noisy --clip-guidance 30 --clip runs/clip
 
 One image per held-out prompt (``eval_prompts``: attributes the training images were drawn
 from, in captions of the training templates), read back with the dataset's own attribute
@@ -63,6 +65,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="PATH", help="also write the scores as JSON to PATH")
     p.add_argument("--grid", default=None, metavar="PATH", help="also write the first run's images as a grid PNG")
     p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+    p.add_argument("--clip", default=None, metavar="DIR",
+                   help="also report the CLIP score (mean cosine of image and prompt) with this CLIP "
+                        "(train_clip's folder or a transformers CLIPModel folder)")
+    p.add_argument("--guide-clip", default=None, metavar="DIR",
+                   help="sample with CLIP guidance by this noise-aware CLIP (train_clip --vae); then an "
+                        "unconditional UNet can be scored too")
+    p.add_argument("--clip-guidance", type=float, default=10.0, metavar="S",
+                   help="with --guide-clip: the guidance scale (default 10)")
     return p
 
 
@@ -74,23 +84,52 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--cfg must be >= 0 (1: no guidance), got {args.cfg}")
     device = resolve_device(args.device)
     pipe = load_pipeline(args.unet, args.vae, args.text_encoder, device)
-    if not pipe.conditional:
+    guide = None
+    if args.guide_clip is not None:
+        from ldm.clip import load_clip
+        from ldm.clip_guidance import clip_guide
+        from ldm.data import eval_prompts
+        from ldm.metrics import PROMPT_SEED
+
+        if args.clip_guidance < 0:
+            raise InputError(f"--clip-guidance must be >= 0, got {args.clip_guidance}")
+        guide = clip_guide(load_clip(args.guide_clip, device), [t for _, t in eval_prompts(args.n, PROMPT_SEED)],
+                           args.clip_guidance, pipe.schedule, pipe.latent_shape, device)
+    if not pipe.conditional and guide is None:
         raise InputError(f"{Path(args.unet) / 'unet.json'} describes an unconditional UNet; "
-                          "eval_text scores text-conditional models")
+                          "eval_text scores text-conditional models (or CLIP-guided ones: --guide-clip)")
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
+    clip = None
+    if args.clip is not None:
+        from ldm.clip import load_clip
+
+        clip = load_clip(args.clip, device)
+        if getattr(clip, "noise_aware", False):
+            raise InputError(f"--clip {args.clip}: a noise-aware CLIP reads latents; the CLIP score needs one "
+                             "of pixels (train_clip without --vae)")
     results = []
     print(f"{'sampler':>10} {'steps':>5} | " + " ".join(f"{a:>10}" for a in ATTRIBUTES)
           + f" | {HEADLINE:>21} {'all':>6} | seconds")
     for i, (sampler, steps) in enumerate(runs):
         r = evaluate_prompts(pipe, args.n, sampler=sampler, steps=steps, cfg=cfg, seed=args.seed,
-                             batch_size=args.batch_size, progress=args.progress, return_images=i == 0)
+                             batch_size=args.batch_size, progress=args.progress,
+                             return_images=i == 0 or clip is not None, guide=guide)
+        if clip is not None:
+            from ldm.clip import clip_score
+            from ldm.data import eval_prompts
+            from ldm.metrics import PROMPT_SEED
+
+            prompts = [t for _, t in eval_prompts(args.n, PROMPT_SEED)]
+            r["clip_score"] = clip_score(clip, r["images"], prompts).mean().item()
         if i == 0 and args.grid:
             image_grid(r["images"], nrow=20).save(args.grid)
         r.pop("images", None)
         results.append(r)
         print(f"{sampler:>10} {steps:>5} | " + " ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
-              + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
-    print(f"{args.n} held-out prompts of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}")
+              + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}"
+              + (f" | CLIP score {r['clip_score']:.4f}" if "clip_score" in r else ""))
+    guided = f", CLIP guidance {args.clip_guidance} by {args.guide_clip}" if guide is not None else ""
+    print(f"{args.n} held-out prompts of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}{guided}")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

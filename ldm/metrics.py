@@ -104,12 +104,13 @@ def score(images: torch.Tensor, attributes: list[dict]) -> tuple[dict, list[dict
 
 def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                      cfg: float = DEFAULT_CFG, seed: int = 0, batch_size: int = 100, spacing: str | None = None,
-                     progress: bool = False, return_images: bool = False) -> dict:
+                     progress: bool = False, return_images: bool = False, guide=None) -> dict:
     """Sample the first ``n`` held-out prompts once each with ``pipe`` (a text-conditional
     ``ldm.Pipeline`` with its encoder) and score them. -> {"n", "sampler", "steps", "cfg",
     "seed", "seconds", per-attribute shares, HEADLINE, "all", "misses" (the first few wrong images)}
-    plus "images" (N, 3, H, W) with ``return_images``."""
-    if not pipe.conditional:
+    plus "images" (N, 3, H, W) with ``return_images``. ``guide`` (``ldm.clip_guidance.ClipGuide`` of the same
+    ``n`` prompts) steers sampling; with it an unconditional UNet can be scored too."""
+    if not pipe.conditional and guide is None:
         raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")
     if n <= 0:
         raise ValueError(f"evaluate_prompts: n must be positive, got {n}")
@@ -117,7 +118,8 @@ def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER
     prompts = [text for _, text in pairs]
     t0 = time.perf_counter()
     images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,
-                      spacing=spacing, progress=progress)  # (n, 3, H, W)
+                      spacing=spacing, progress=progress,
+                      **({"guide": guide} if guide is not None else {}))  # (n, 3, H, W)
     seconds = time.perf_counter() - t0
     shares, seen = score(images, [a for a, _ in pairs])
     misses = [{"prompt": p, "read": {a: s[a] for a in ATTRIBUTES}}

@@ -314,13 +314,15 @@ def sample_latents(unet, schedule: NoiseSchedule, prediction: str, noise: torch.
                    sampler: str = DEFAULT_SAMPLER, context: torch.Tensor | None = None,
                    context_lengths: torch.Tensor | None = None, uncond: tuple | None = None, cfg: float = 1.0,
                    class_labels: torch.Tensor | None = None, init: torch.Tensor | None = None,
-                   generator: torch.Generator | None = None, disable: bool | None = True) -> torch.Tensor:
+                   generator: torch.Generator | None = None, disable: bool | None = True,
+                   guide=None) -> torch.Tensor:
     """Run ``sampler`` over ``sigmas`` from ``init + sigmas[0] * noise`` (``init`` None: pure noise).
 
     noise (B, C, h, w) standard normal; context (B, L, width) and context_lengths (B,) the prompts'
     tokens; uncond (context (1, L', width), lengths (1,)) the empty prompt's, used with ``cfg`` != 1
     for classifier-free guidance; or class_labels (B,) of a class-conditional UNet, guided against its
-    null class with ``cfg`` != 1. -> (B, C, h, w) latents."""
+    null class with ``cfg`` != 1; ``guide(denoiser) -> denoiser`` wraps the result (CLIP guidance).
+    -> (B, C, h, w) latents."""
     denoiser = Denoiser(unet, schedule, prediction)
     extra = {}
     if class_labels is not None:
@@ -333,6 +335,8 @@ def sample_latents(unet, schedule: NoiseSchedule, prediction: str, noise: torch.
         if uncond is not None and cfg != 1.0:
             denoiser = CFGDenoiser(denoiser, cfg)
             extra.update(uncond_context=uncond[0], uncond_context_lengths=uncond[1])
+    if guide is not None:
+        denoiser = guide(denoiser)
     x = noise * sigmas[0]
     if init is not None:
         x = x + init
@@ -352,12 +356,15 @@ def encode_prompts(encoder, prompts: list[str], device) -> tuple[torch.Tensor, t
 def generate(pipe: Pipeline, prompts: list[str] | None, *, classes: list[int] | None = None, n: int = 1,
              steps: int = DEFAULT_STEPS, sampler: str = DEFAULT_SAMPLER, cfg: float = DEFAULT_CFG, seed: int = 0,
              batch_size: int = 16, spacing: str | None = None, init_image: torch.Tensor | None = None,
-             strength: float = 1.0, encoded: tuple | None = None, progress: bool = False) -> torch.Tensor:
+             strength: float = 1.0, encoded: tuple | None = None, progress: bool = False,
+             guide=None) -> torch.Tensor:
     """``n`` images for each prompt (prompt-major), for each class label of a class-conditional UNet
     (``classes``, class-major), or ``n`` images of an unconditional UNet (``prompts`` None).
     ``init_image`` (3, H, W) in [-1, 1] at the pipeline's resolution with ``strength`` in (0, 1] for
     image-to-image. ``encoded``: (context, lengths, uncond) from ``encode_prompts`` instead of running
-    ``pipe.encoder``. -> (P * n, 3, H, W) float32 in [-1, 1], on the CPU."""
+    ``pipe.encoder``. ``guide(rows (b,)) -> (denoiser -> denoiser)`` wraps each batch's denoiser
+    (``ldm.clip_guidance.ClipGuide``); with it an unconditional UNet takes prompts, for the guide only.
+    -> (P * n, 3, H, W) float32 in [-1, 1], on the CPU."""
     labels = None
     if pipe.num_classes is not None:
         if not classes:
@@ -379,10 +386,10 @@ def generate(pipe: Pipeline, prompts: list[str] | None, *, classes: list[int] | 
         if labels is not None and len(labels) != rows:
             raise ValueError(f"generate: {rows} prompts but {len(labels)} classes; give one class per prompt")
     else:
-        if prompts:
+        if prompts and guide is None:
             raise ValueError("generate: this UNet takes no prompts (context_dim is None)")
         context = lengths = uncond = None
-        rows = 1 if labels is None else len(labels)
+        rows = len(prompts) if prompts else 1 if labels is None else len(labels)
     total = rows * n
     device = pipe.device
     sigmas = sampling_sigmas(pipe.schedule, steps, sampler, spacing, strength, device=device)
@@ -407,6 +414,7 @@ def generate(pipe: Pipeline, prompts: list[str] | None, *, classes: list[int] | 
         gen = torch.Generator(device).manual_seed(seed + start)
         with pipe.autocast():
             z = sample_latents(pipe.unet, pipe.schedule, pipe.prediction, noise, sigmas, sampler=sampler, cfg=cfg,
-                               init=init, generator=gen, disable=not progress, **cond)
+                               init=init, generator=gen, disable=not progress,
+                               guide=guide(rows_idx) if guide is not None else None, **cond)
         images.append(pipe.decode_latents(z.float()).cpu())
     return torch.cat(images)  # (P * n, 3, H, W)

@@ -7,6 +7,8 @@
     python -m ldm.sample --unet runs/digits-unet --class 7 --n 8    # a class-conditional UNet (the digits)
     python -m ldm.sample --unet DIR --prompt "..."                  # DIR from python -m ldm.convert from-diffusers
     python -m ldm.sample --from-diffusers PATH --prompt "..."       # a Stable Diffusion 1.x folder
+    python -m ldm.sample --unet runs/uncond --clip runs/clip-noisy --clip-guidance 30 --prompt "..."  # GLIDE
+    python -m ldm.sample --clip runs/clip-noisy --clip-guidance 10 --prompt "..."   # on top of the text UNet's CFG
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
 given) and ``--n`` images a row; ``--images DIR`` also writes each image.
@@ -30,6 +32,7 @@ from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_im
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
 
+DEFAULT_CLIP_GUIDANCE = 10.0  # --clip-guidance when --clip comes without it
 GRID_SIDE = 128  # small images are scaled up in the grid to about this many pixels a side
 
 
@@ -49,7 +52,7 @@ def read_classes(args: argparse.Namespace, pipe: Pipeline) -> list[int] | None:
 
 
 def read_prompts(args: argparse.Namespace, pipe: Pipeline) -> list[str] | None:
-    if not pipe.conditional:
+    if not pipe.conditional and not args.clip:
         if args.prompt or args.prompts_file:
             raise InputError(f"{pipe.meta.get('source', args.unet)}: the UNet is not text-conditional "
                               "(context_dim null); it takes no --prompt or --prompts-file")
@@ -67,7 +70,7 @@ def read_prompts(args: argparse.Namespace, pipe: Pipeline) -> list[str] | None:
         if not from_file:
             raise InputError(f"--prompts-file {path} holds no prompts (expected one prompt a line)")
         prompts += from_file
-    if not prompts:
+    if not prompts and pipe.conditional:
         prompts = list(pipe.meta.get("val_prompts") or [])
     if not prompts:
         raise InputError("no prompts: pass --prompt TEXT or --prompts-file FILE")
@@ -103,6 +106,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--strength", type=float, default=None,
                       help=f"with --init-image: how much to change it, in (0, 1]; 1 ignores it "
                            f"(default {DEFAULT_STRENGTH})")
+    what.add_argument("--clip", default=None, metavar="DIR",
+                      help="a noise-aware CLIP (train_clip --vae) that guides sampling towards the prompts "
+                           "(GLIDE); an unconditional UNet then takes prompts too")
+    what.add_argument("--clip-guidance", type=float, default=None, metavar="S",
+                      help="with --clip: the scale s of the CLIP gradient added to the score (default 10)")
     how = p.add_argument_group("sampler")
     how.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                      help="default: unet.json's (unipc, UniPC of order 3, when it names none)")
@@ -135,6 +143,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--init-image: file not found: {args.init_image}")
     if args.cfg is not None and args.cfg < 0:
         raise InputError(f"--cfg must be >= 0, got {args.cfg}")
+    if args.clip_guidance is not None and args.clip is None:
+        raise InputError("--clip-guidance needs --clip DIR")
+    if args.clip_guidance is not None and args.clip_guidance < 0:
+        raise InputError(f"--clip-guidance must be >= 0, got {args.clip_guidance}")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -153,9 +165,16 @@ def run(args: argparse.Namespace) -> int:
     if args.init_image is not None:
         init = load_image(args.init_image, pipe.resolution, what="--init-image")
         strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
+    guide = None
+    if args.clip is not None:
+        from ldm.clip import load_clip
+        from ldm.clip_guidance import clip_guide
+
+        scale = DEFAULT_CLIP_GUIDANCE if args.clip_guidance is None else args.clip_guidance
+        guide = clip_guide(load_clip(args.clip, device), prompts, scale, pipe.schedule, pipe.latent_shape, device)
     images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg, seed=args.seed,
                       batch_size=args.batch_size, spacing=args.spacing, init_image=init, strength=strength,
-                      progress=args.progress)
+                      progress=args.progress, guide=guide)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.n, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)
