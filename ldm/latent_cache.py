@@ -121,11 +121,12 @@ def encoder_path(text_encoder: str | None) -> str:
         raise InputError(str(e)) from None
 
 
-def load_text_encoder(path: str, device):
+def load_text_encoder(path: str, device, options: dict | None = None):
+    """``options``: TextEncoder's tokenization (SD's CLIP: pad_to_max, mask_padding False); None: ours."""
     from ldm.text import TextEncoder
 
     try:
-        return TextEncoder(path, device=device)
+        return TextEncoder(path, device=device, **(options or {}))
     except (FileNotFoundError, ImportError, OSError, ValueError) as e:
         raise InputError(f"--text-encoder: {e}") from None
 
@@ -165,7 +166,7 @@ class Cache:
 
 def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset, n: int,
                   text_encoder: str | None, val_prompts: list[str], device, workers: int = 0,
-                  quiet: bool = False) -> Cache:
+                  quiet: bool = False, text_options: dict | None = None) -> Cache:
     """Build (rank 0) or reuse the latent cache of items 0..n-1 in ``folder`` (and, with ``text_encoder``,
     the resolved encoder folder, the text cache), then load them on every rank."""
     folder = Path(folder)
@@ -174,6 +175,8 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
     latent_key = {**base, "vae_sha256": file_digest(vae_dir / "vae.safetensors"),
                   "vae_json_sha256": file_digest(vae_dir / "vae.json")}
     text_key = {**base, "text_encoder": text_encoder, "val_prompts": val_prompts} if text_encoder else None
+    if text_key is not None and text_options:  # another tokenization is another cache (absent: older caches hold)
+        text_key["text_options"] = text_options
     latent_file, text_file = folder / "latents.safetensors", folder / "text.safetensors"
 
     def build():
@@ -187,7 +190,7 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
         if text_key is not None and not cache_is_current(text_file, text_key, "text"):
             t0 = time.perf_counter()
-            encoder = load_text_encoder(text_key["text_encoder"], device)
+            encoder = load_text_encoder(text_key["text_encoder"], device, text_options)
             text = encode_captions(encoder, dataset_captions(dataset, n), val_prompts, quiet)
             save_tensors(text, text_file, metadata={"ldm_cache": json.dumps(text_key)})
             print(f"train_unet: cached {len(text['tokens'])} distinct captions of {n} items, "

@@ -5,6 +5,8 @@
     python -m ldm.train_unet --text --resume            # continue runs/unet from its last checkpoint
     python -m ldm.train_unet --data digits --class-cond --vae runs/digits-vae --out runs/digits-unet
     python -m ldm.train_unet --text --data DIR --preset small --text-encoder PATH --batch-size 256
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --lora 16 --out runs/lora   # LoRA on SD 1.x
+    python -m ldm.train_unet --text --init-from runs/unet --data DIR --lora 8 --lora-targets attn+ff
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
 The latent cache (``--cache-dir``, default ``OUT/cache``) is built once: the VAE's posterior mean
@@ -41,6 +43,7 @@ import torch.distributed as dist
 from ldm.diffusion import PREDICTIONS, SCHEDULES
 from ldm.distributed import init_distributed
 from ldm.errors import InputError
+from ldm.lora import LORA_TARGETS
 from ldm.trainer import config_from_args, given_fields
 from ldm.unet import UNET_CONFIGS
 from ldm.unet_training import DEMO, EMA_WARMUP, TrainConfig, train
@@ -95,6 +98,19 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"standard deviation of that logit-normal (default {DEMO.t_focus_std})")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute activations in the backward pass to save memory")
+    tune = p.add_argument_group("fine-tuning (ldm.finetune, ldm.lora)")
+    tune.add_argument("--init-from", default=None, metavar="PATH",
+                      help="start from a pretrained model: a diffusers Stable Diffusion 1.x folder or a folder of ours; "
+                           "its UNet, VAE, text encoder (and tokenization), schedule and prediction replace --preset, "
+                           "--vae, --text-encoder, --schedule and --prediction")
+    tune.add_argument("--lora", type=int, default=0, metavar="RANK",
+                      help="train only LoRA adapters of this rank (the UNet frozen); writes OUT/lora.safetensors in "
+                           "diffusers' layout beside the merged model (default 0: train every weight)")
+    tune.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                      help="LoRA alpha: the update is scaled by alpha / rank (default: the rank, scale 1)")
+    tune.add_argument("--lora-targets", choices=LORA_TARGETS, default=DEMO.lora_targets,
+                      help="layers that get adapters: attention projections, also the feed-forward, or every "
+                           f"linear and convolution (default {DEMO.lora_targets})")
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, default=DEMO.steps, help=f"optimizer steps (default {DEMO.steps})")
     train.add_argument("--batch-size", type=int, default=DEMO.batch_size,

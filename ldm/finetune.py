@@ -1,0 +1,124 @@
+"""Fine-tuning a pretrained UNet: what ``train_unet --init-from PATH [--lora RANK]`` adds to the training loop.
+
+- ``open_base(PATH, out)``: PATH is a Stable Diffusion 1.x folder in diffusers' layout (``unet/``,
+  ``vae/``, ``scheduler/``, ``text_encoder/``, ``tokenizer/``) or a folder of ours (``unet.json``, from
+  ``train_unet`` or ``convert``). A diffusers folder is converted once into ``OUT/base`` (our files, the
+  latent cache keys on its VAE file), then either kind gives the UNet's weights and config, the VAE,
+  the text encoder with its tokenization (SD's CLIP: 77 tokens, padded with the end token as SD
+  does, every position visible to cross-attention) and the training noise schedule and prediction.
+- ``Trainable``: what the optimizer sees. A full fine-tune trains every weight; with LoRA
+  (``ldm.lora``) only the adapters train, the UNet is frozen (no gradients, no optimizer state) and
+  the EMA is the adapters' EMA; checkpoints then hold the adapters only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from ldm.checkpoint import load_json
+from ldm.errors import InputError
+from ldm.lora import LORA_FILE, LoRA, LoRAConfig, save_lora
+from ldm.pretrained import UNetFile, load_unet, save_unet
+from ldm.sd_folder import convert_from_diffusers
+from ldm.unet import UNet
+
+BASE_DIR = "base"  # OUT/base: a diffusers folder converted to our files
+
+
+@dataclass
+class Base:
+    """A pretrained model to start from."""
+
+    folder: Path  # ours: unet.* (and vae.* unless info.vae names another folder)
+    unet: UNet  # float32, eval, no gradients (the training copies its weights)
+    info: UNetFile
+    vae_dir: Path
+    text_encoder: str | None  # a local folder; None: the packaged MiniLM
+    text_options: dict  # ldm.text.TextEncoder's keyword arguments (pad_to_max, mask_padding, max_tokens)
+
+    def carried(self, init_from: str, trainable: Trainable) -> dict:
+        """What the fine-tuned unet.json records of its start (and diffusers' config, for ``convert to-diffusers``)."""
+        out = {"init_from": str(Path(init_from).resolve())}
+        if "diffusers_config" in self.info.extra:
+            out["diffusers_config"] = self.info.extra["diffusers_config"]
+        if trainable.lora is not None:
+            out["lora"] = {"file": LORA_FILE, **asdict(trainable.lora.config)}
+        return out
+
+
+def is_diffusers_folder(path: Path) -> bool:
+    return (path / "unet" / "config.json").is_file() and (path / "vae").is_dir()
+
+
+def open_base(path: str | Path, out: str | Path, device="cpu") -> Base:
+    """The model in ``path`` (see the module docstring); an InputError names what is missing."""
+    path, out = Path(path), Path(out)
+    if is_diffusers_folder(path):
+        folder = out / BASE_DIR
+        source = str(path.resolve())
+        done = (folder / "unet.json").is_file() and load_json(folder / "unet.json").get("source") == source
+        if not done:  # converted once: the cache keys on the VAE file, which a new export would change
+            try:
+                convert_from_diffusers(path, folder)
+            except (FileNotFoundError, ValueError) as e:
+                raise InputError(f"--init-from {path}: {e}") from None
+    elif (path / "unet.json").is_file():
+        folder = path
+    else:
+        raise InputError(f"--init-from {path}: neither a diffusers Stable Diffusion folder (unet/, vae/) nor a "
+                         "folder of ours (unet.json)")
+    unet, info = load_unet(folder, device)
+    vae_dir = folder if (folder / "vae.json").is_file() else Path(info.vae or folder)
+    if not (vae_dir / "vae.json").is_file():
+        raise InputError(f"--init-from {path}: no VAE beside {folder / 'unet.json'} nor at {info.vae}")
+    if info.text_encoder is None:
+        raise InputError(f"--init-from {path}: the UNet is not text-conditional (no text encoder in its unet.json)")
+    enc = info.text_encoder
+    if enc.path is not None and not (Path(enc.path) / "config.json").is_file():
+        raise InputError(f"--init-from {path}: the text encoder {enc.path} has no config.json")
+    return Base(folder=folder, unet=unet, info=info, vae_dir=vae_dir, text_encoder=enc.path,
+                text_options=enc.options())
+
+
+class Trainable:
+    """The parameters a run trains, their EMA, and the checkpoint parts that hold them.
+
+    ``lora`` None: every UNet weight trains (the EMA is a whole UNet). Else the UNet and its EMA copy
+    are frozen and each carries adapters (``LoRA(...).attach()``): the optimizer and the EMA see the
+    adapters only, and ``parts`` checkpoints them instead of the UNets."""
+
+    def __init__(self, model: UNet, ema: UNet, lora: LoRAConfig | None):
+        self.lora = self.ema_lora = None
+        if lora is None:
+            self.module, self.ema_module = model, ema
+        else:
+            model.requires_grad_(False)
+            self.lora = LoRA(model, lora).to(next(model.parameters()).device).attach()
+            self.ema_lora = LoRA(ema, lora).to(next(model.parameters()).device).attach().requires_grad_(False)
+            self.ema_lora.load_state_dict(self.lora.state_dict())
+            self.module, self.ema_module = self.lora, self.ema_lora
+        self.params = [p for p in self.module.parameters() if p.requires_grad]
+        self.ema_params = list(self.ema_module.parameters())
+
+    def parts(self) -> dict[str, torch.nn.Module]:
+        return {"unet": self.module, "ema": self.ema_module}
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.params)
+        if self.lora is None:
+            return f"{n / 1e6:.2f}M parameters train"
+        c = self.lora.config
+        return (f"LoRA rank {c.rank}, alpha {c.alpha if c.alpha is not None else c.rank} on {len(self.lora.names)} "
+                f"{c.targets} layers: {n / 1e6:.3f}M parameters train, the rest frozen")
+
+    def export(self, out: Path, ema: UNet, info: UNetFile) -> None:
+        """``out/unet.*`` (the EMA weights; with LoRA the EMA adapters merged in, so ``ldm.sample --unet out``
+        samples the fine-tuned model as it is) and, with LoRA, ``out/lora.safetensors`` (diffusers' layout)."""
+        if self.ema_lora is not None:
+            save_lora(out / LORA_FILE, self.ema_lora)
+            self.ema_lora.detach_hooks()
+            self.ema_lora.merge()
+        save_unet(out, ema, info)
