@@ -96,6 +96,8 @@ class Trainable:
             self.module, self.ema_module = model, ema
         else:
             model.requires_grad_(False)
+            # the frozen base is the same for the model and its EMA: one copy in memory, not two
+            ema.load_state_dict(model.state_dict(), assign=True)
             self.lora = LoRA(model, lora).to(next(model.parameters()).device).attach()
             self.ema_lora = LoRA(ema, lora).to(next(model.parameters()).device).attach().requires_grad_(False)
             self.ema_lora.load_state_dict(self.lora.state_dict())
