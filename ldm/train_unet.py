@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "a folder gives at most its size)")
     data.add_argument("--cache-dir", default=None, metavar="DIR",
                       help="where the latent and text caches live (default OUT/cache); runs may share one")
+    data.add_argument("--buckets", action="store_true",
+                      help="aspect-ratio buckets: each picture of --data DIR goes to the size (about the resolution's "
+                           "pixel count, sides at most 2:1) nearest its aspect ratio and keeps its framing; every "
+                           "batch comes from one bucket (default: crop square)")
     data.add_argument("--workers", type=int, default=0, help="data loader processes while caching (default 0)")
     text = p.add_argument_group("conditioning")
     text.add_argument("--text", action="store_true", help="condition on captions (default: unconditional)")

@@ -141,6 +141,20 @@ def test_sample_lora_scales_stack(sd, lora_run, tmp_path):
     assert "--lora" in err.getvalue() and "none.safetensors" in err.getvalue()
 
 
+def test_buckets_run_from_sd(sd, tmp_path, seed):
+    """--buckets with --init-from: a folder of wide, tall and square pictures trains a bucket a batch."""
+    from test_buckets import two_colour_folder
+
+    data = two_colour_folder(tmp_path / "data", seed)
+    rc, err = run(flags(sd, tmp_path / "run", *LORA, "--data", data, "--buckets", "--steps", "3"))
+    assert rc == 0, err
+    latents = load_file(tmp_path / "run" / "cache" / "latents.safetensors")
+    sizes = {tuple(s) for s in latents["bucket_sizes"][latents["bucket"]].tolist()}
+    assert len(sizes) >= 3 and (8, 8) in sizes  # 32 px pictures in 8 x 8 latents and other shapes
+    rc, err = run(flags(sd, tmp_path / "bad", "--buckets"))
+    assert rc == 2 and "--buckets" in err and "--data" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--init-from", "/no/such/folder"), "--init-from /no/such/folder"),
     (("--lora", "-1"), "--lora"),
