@@ -6,6 +6,12 @@
   latent cache keys on its VAE file), then either kind gives the UNet's weights and config, the VAE,
   the text encoder with its tokenization (SD's CLIP: 77 tokens, padded with the end token as SD
   does, every position visible to cross-attention) and the training noise schedule and prediction.
+- ``class_images(...)`` and ``PriorDataset``: DreamBooth's prior preservation (Ruiz et al. 2022,
+  "DreamBooth: Fine Tuning Text-to-Image Diffusion Models for Subject-Driven Generation"): before
+  training, the pretrained model draws ``--class-images N`` pictures of ``--class-prompt`` ("a photo of
+  a dog"); each batch is then half the user's pictures, half those, and the loss is
+  instance + ``--prior-weight`` x class, so the model learns the new subject without forgetting what
+  the class looks like.
 - ``Trainable``: what the optimizer sees. A full fine-tune trains every weight; with LoRA
   (``ldm.lora``) only the adapters train, the UNet is frozen (no gradients, no optimizer state) and
   the EMA is the adapters' EMA; checkpoints then hold the adapters only.
@@ -13,12 +19,13 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from ldm.checkpoint import load_json
+from ldm.checkpoint import load_json, save_json
 from ldm.errors import InputError
 from ldm.lora import LORA_FILE, LoRA, LoRAConfig, save_lora
 from ldm.pretrained import UNetFile, load_unet, save_unet
@@ -81,6 +88,51 @@ def open_base(path: str | Path, out: str | Path, device="cpu") -> Base:
         raise InputError(f"--init-from {path}: the text encoder {enc.path} has no config.json")
     return Base(folder=folder, unet=unet, info=info, vae_dir=vae_dir, text_encoder=enc.path,
                 text_options=enc.options())
+
+
+CLASS_DIR = "class_images"  # OUT/class_images: the prior-preservation pictures and their metadata.jsonl
+CLASS_BATCH = 16  # pictures per sampler run while drawing them
+
+
+def class_images(base: Base, prompt: str, n: int, out: Path, device, seed: int, quiet: bool = True) -> Path:
+    """``n`` pictures of ``prompt`` drawn by the pretrained model (its own sampler, steps and guidance),
+    written once into ``out/class_images`` as PNGs with a ``metadata.jsonl`` (reused when the prompt, count
+    and seed match: the cache keys on the files)."""
+    from ldm.pipeline import Pipeline
+    from ldm.runlog import image_grid
+
+    folder = out / CLASS_DIR
+    record = {"prompt": prompt, "n": n, "seed": seed, "init_from": str(base.folder.resolve())}
+    if (folder / "class_images.json").is_file() and load_json(folder / "class_images.json") == record:
+        return folder
+    pipe = Pipeline.from_pretrained(base.folder, device=device)
+    images = pipe([prompt], n=n, seed=seed, batch_size=CLASS_BATCH, output="pt", progress=not quiet)  # (n, 3, H, W)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for k in range(n):
+        name = f"{k:05d}.png"
+        image_grid(images[k:k + 1], pad=0).save(folder / name)
+        rows.append(json.dumps({"file_name": name, "text": prompt}))
+    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+    save_json(record, folder / "class_images.json")  # last: a run killed before it draws them again
+    return folder
+
+
+class PriorDataset:
+    """The user's pictures (items 0..n_instance-1) followed by the class pictures."""
+
+    def __init__(self, instance, prior):
+        self.instance, self.prior, self.n_instance = instance, prior, len(instance)
+        self.captions = list(instance.captions) + list(prior.captions)
+
+    def __len__(self) -> int:
+        return self.n_instance + len(self.prior)
+
+    def __getitem__(self, i: int) -> dict:
+        return self.instance[i] if i < self.n_instance else self.prior[i - self.n_instance]
+
+    def describe(self) -> dict:
+        return {"name": "folder+prior", "instance": self.instance.describe(), "prior": self.prior.describe()}
 
 
 class Trainable:

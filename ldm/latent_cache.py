@@ -284,6 +284,21 @@ class BucketPositions:
         return torch.from_numpy(self._epoch(e)[j][first:first + count].copy())
 
 
+class PriorPositions:
+    """DreamBooth's batches: rows 0..B/2-1 from the user's pictures (items 0..n_instance-1), the rest
+    from the class pictures after them, each an endless shuffled stream of its own (``Positions``)."""
+
+    def __init__(self, n: int, n_instance: int, batch_size: int, seed: int):
+        self.B, self.half, self.n_instance = batch_size, batch_size // 2, n_instance
+        self.instance, self.prior = Positions(n_instance, seed), Positions(n - n_instance, seed + 1)
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        step, first = divmod(start, self.B)
+        rows = torch.cat([self.instance.take(step * self.half, self.half),
+                          self.n_instance + self.prior.take(step * (self.B - self.half), self.B - self.half)])
+        return rows[first:first + count]
+
+
 class Batches:
     """Step s's global batch: the cached items at stream positions s*B .. s*B + B - 1, a fresh posterior
     sample of each latent, timesteps, noise and caption drops, all drawn for the whole global batch
@@ -293,7 +308,7 @@ class Batches:
 
     def __init__(self, cache: Cache, batch_size: int, d: Dist, seed: int, cfg_drop: float, num_timesteps: int,
                  device: torch.device, t_focus: tuple[float, float, float] = (0.0, 0.0, 1.0),
-                 null_class: int | None = None):
+                 null_class: int | None = None, prior: tuple[int, float] | None = None):
         self.cache, self.B, self.seed, self.cfg_drop, self.T, self.device = (
             cache, batch_size, seed, cfg_drop, num_timesteps, device)
         if null_class is not None and cache.labels is None:
@@ -305,6 +320,12 @@ class Batches:
         self.rows = slice(self.first, self.first + self.b)
         self.positions = (Positions(len(cache.mean), seed) if cache.bucket is None else
                           BucketPositions(cache.bucket, batch_size, seed))
+        self.weight = None
+        if prior is not None:  # (n_instance, prior weight): loss = instance + weight x class, a row's share
+            self.positions = PriorPositions(len(cache.mean), prior[0], batch_size, seed)
+            w = torch.full((batch_size,), 2.0 * prior[1], device=device)  # (B,): mean(w * loss) is the sum
+            w[: batch_size // 2] = 2.0
+            self.weight = w[self.rows]
         self.gen = torch.Generator(device)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -326,6 +347,7 @@ class Batches:
             return x0, t, noise, {"class_labels": labels}
         if c.tokens is None:
             return x0, t, noise, {}
+        extra = {} if self.weight is None else {"loss_weight": self.weight}  # popped before the UNet
         row = torch.where(drop, c.empty_row, c.caption_row[idx].to(dev)).to(c.tokens.device)  # (b,)
         return x0, t, noise, {"context": c.tokens[row].to(dev).float(),  # (b, L, width)
-                              "context_lengths": c.token_lengths[row].to(dev)}  # (b,)
+                              "context_lengths": c.token_lengths[row].to(dev), **extra}  # (b,)

@@ -7,6 +7,9 @@
     python -m ldm.train_unet --text --data DIR --preset small --text-encoder PATH --batch-size 256
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --lora 16 --out runs/lora   # LoRA on SD 1.x
     python -m ldm.train_unet --text --init-from runs/unet --data DIR --lora 8 --lora-targets attn+ff
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DOG_PHOTOS --class-prompt "a photo of a dog" \
+        --class-images 200 --lr 5e-6 --steps 800 --out runs/dreambooth     # DreamBooth, captions "a photo of sks dog"
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --buckets --lora 16   # keep aspect ratios
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
 The latent cache (``--cache-dir``, default ``OUT/cache``) is built once: the VAE's posterior mean
@@ -107,6 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start from a pretrained model: a diffusers Stable Diffusion 1.x folder or a folder of ours; "
                            "its UNet, VAE, text encoder (and tokenization), schedule and prediction replace --preset, "
                            "--vae, --text-encoder, --schedule and --prediction")
+    tune.add_argument("--class-prompt", default=None, metavar="TEXT",
+                      help="DreamBooth prior preservation: before training the --init-from model draws --class-images "
+                           "pictures of TEXT (e.g. 'a photo of a dog'); each batch is half --data's pictures, half "
+                           "those, the loss instance + --prior-weight x class")
+    tune.add_argument("--class-images", type=int, default=DEMO.class_images, metavar="N",
+                      help=f"pictures of --class-prompt to draw, once, into OUT/class_images (default {DEMO.class_images})")
+    tune.add_argument("--prior-weight", type=float, default=DEMO.prior_weight,
+                      help=f"weight of the class pictures' loss (default {DEMO.prior_weight})")
     tune.add_argument("--lora", type=int, default=0, metavar="RANK",
                       help="train only LoRA adapters of this rank (the UNet frozen); writes OUT/lora.safetensors in "
                            "diffusers' layout beside the merged model (default 0: train every weight)")

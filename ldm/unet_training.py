@@ -30,7 +30,7 @@ from ldm.data.buckets import BucketedFolder
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.distributed import Dist, weights_digest
 from ldm.errors import InputError
-from ldm.finetune import Trainable, open_base
+from ldm.finetune import PriorDataset, Trainable, class_images, open_base
 from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_cache, validation_prompts
 from ldm.lora import LoRAConfig
 from ldm.pipeline import Pipeline, generate
@@ -98,6 +98,9 @@ class TrainConfig:
     lora_alpha: float | None = None  # None: the rank (scale 1)
     lora_targets: str = "attn"  # ldm.lora.LORA_TARGETS
     buckets: bool = False  # aspect-ratio buckets of about the resolution's pixel count (ldm.data.buckets)
+    class_prompt: str | None = None  # DreamBooth prior preservation (ldm.finetune): the class's pictures...
+    class_images: int = 100  # ...this many, drawn by the pretrained model before training...
+    prior_weight: float = 1.0  # ...and their loss's weight beside the user's pictures'
     # training
     steps: int = 1500  # 347-666 s at batch 64 on 2 cores, by the load; 1250 steps: 89.0 / 88.7%, not 93.2 / 93.0%
     batch_size: int = 64  # global: split over the ranks. Batch 32 for 2000 steps (same time): 68.2%, not 82.8%
@@ -131,7 +134,7 @@ RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_enc
               "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
-              "lora_targets", "buckets")
+              "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
 # floating-point sums, so an exact resume keeps it too).
 KEPT_FIELDS = ("steps", "cache_dir", "workers", "threads", "grad_checkpointing", "ckpt_every", "val_every",
@@ -194,6 +197,12 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         raise InputError("--init-from fine-tunes a text-to-image model: it needs --text")
     if c.buckets and is_builtin(c.data):
         raise InputError("--buckets groups the pictures of an image folder by aspect ratio: it needs --data DIR")
+    if c.class_prompt is not None:
+        if c.init_from is None or is_builtin(c.data) or c.buckets:
+            raise InputError("--class-prompt (prior preservation) needs --init-from and --data DIR, without --buckets")
+        if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
+            raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
+                             f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
     if c.lora < 0:
         raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
     if c.lora:
@@ -271,7 +280,11 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
             dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2 ** (levels - 1))
         except ValueError as e:
             raise InputError(f"--buckets: {e}") from None
-    n_cache = min(c.cache_images, len(dataset))
+    if c.class_prompt is not None:  # every picture of both sets is cached: the batches take half of each
+        prior = open_dataset(class_images(base, c.class_prompt, c.class_images, out, device, c.seed, quiet),
+                             resolution, seed=DATA_SEED)
+        dataset = PriorDataset(dataset, prior)
+    n_cache = len(dataset) if c.class_prompt is not None else min(c.cache_images, len(dataset))
     val_prompts = validation_prompts(c.data, dataset, n_cache, c.val_prompts) if c.text else []
     cache = prepare_cache(c.cache_dir or out / "cache", d, vae, c.vae, dataset, n_cache,
                           encoder_path(c.text_encoder) if c.text else None, val_prompts, device, c.workers, quiet,
@@ -365,7 +378,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
             plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
 
     batches = Batches(cache, B, d, c.seed, c.cfg_drop, schedule.num_timesteps, device,
-                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes)
+                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes,
+                      prior=(dataset.n_instance, c.prior_weight) if c.class_prompt else None)
     ema_params, model_params = trainable.ema_params, trainable.params
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read before any save
@@ -380,9 +394,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                                    floor=COSINE_FLOOR)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                weight = cond.pop("loss_weight", 1.0)  # (b,) with prior preservation
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = diffusion_loss(net, x0, schedule, c.prediction, min_snr_gamma=min_snr, t=t, noise=noise,
-                                          **cond).mean()
+                    loss = (weight * diffusion_loss(net, x0, schedule, c.prediction, min_snr_gamma=min_snr, t=t,
+                                                    noise=noise, **cond)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model_params, c.grad_clip if c.grad_clip > 0 else math.inf)

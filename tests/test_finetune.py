@@ -155,6 +155,44 @@ def test_buckets_run_from_sd(sd, tmp_path, seed):
     assert rc == 2 and "--buckets" in err and "--data" in err
 
 
+def test_prior_preservation(sd, tmp_path, seed):
+    """--class-prompt: the pretrained model draws the class pictures once; every batch is half the user's
+    pictures, half the class's, weighted 1 and --prior-weight."""
+    from ldm.distributed import Dist
+    from ldm.latent_cache import Batches, Cache
+    from ldm.runlog import image_grid
+    from test_buckets import two_colour_folder
+
+    data = two_colour_folder(tmp_path / "data", seed)
+    out = tmp_path / "run"
+    argv = flags(sd, out, *LORA, "--data", data, "--class-prompt", "a red cube", "--class-images", "5",
+                 "--prior-weight", "0.5", "--steps", "2", "--batch-size", "4")
+    rc, err = run(argv)
+    assert rc == 0, err
+    drawn = out / "class_images"
+    rows = [json.loads(line) for line in (drawn / "metadata.jsonl").read_text().splitlines()]
+    assert [r["text"] for r in rows] == ["a red cube"] * 5
+    images = Pipeline.from_pretrained(out / "base")(["a red cube"], n=5, seed=0, output="pt")
+    image_grid(images[3:4], pad=0).save(tmp_path / "again.png")
+    assert (tmp_path / "again.png").read_bytes() == (drawn / rows[3]["file_name"]).read_bytes()
+    stamp = (drawn / "class_images.json").stat().st_mtime_ns
+    rc, err = run(argv[:-4] + ["--steps", "4", "--batch-size", "4", "--resume"])
+    assert rc == 0, err
+    assert (drawn / "class_images.json").stat().st_mtime_ns == stamp  # drawn once
+
+    latents = load_file(out / "cache" / "latents.safetensors")
+    n_instance = 10  # two_colour_folder's pictures come first, then the class's
+    assert latents["mean"].shape[0] == n_instance + 5
+    cache = Cache(latents["mean"], latents["std"], keys={})
+    batches = Batches(cache, 4, Dist(), seed, 0.0, 1000, torch.device("cpu"), prior=(n_instance, 0.5))
+    for step in range(7):
+        idx = batches.positions.take(step * 4, 4)
+        assert (idx[:2] < n_instance).all() and (idx[2:] >= n_instance).all()
+    assert batches.weight.tolist() == [2.0, 2.0, 1.0, 1.0]  # mean(w * loss) = instance + 0.5 x class
+    rc, err = run(flags(sd, tmp_path / "bad", "--class-prompt", "a dog"))
+    assert rc == 2 and "--class-prompt" in err and "--data" in err
+
+
 @pytest.mark.parametrize("extra, message", [
     (("--init-from", "/no/such/folder"), "--init-from /no/such/folder"),
     (("--lora", "-1"), "--lora"),
