@@ -1,0 +1,61 @@
+"""The fine-tuning demo's data: stars drawn like the built-in scenes, read back by the reader that knows
+them, held-out prompts that share no attribute combination with the taught stars."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import torch
+
+from ldm import teach_shape
+from ldm.data.shapes import _AREA, NEW_SHAPES, SHAPES, ShapesDataset, read_attributes, render, shape_coverage
+from ldm.data.stars import COMBO, render_star, star_prompts, training_stars, write_star_folder
+from ldm.runlog import labelled_rows
+
+
+def test_star_geometry(seed):
+    rng = np.random.default_rng(seed)
+    side = float(rng.uniform(0.3, 0.6))
+    cover = shape_coverage("star", 0.5, 0.5, side, 96, supersample=8).astype(np.float64)
+    assert abs(cover.sum() / 96 ** 2 / side ** 2 - _AREA["star"]) < 0.01 * _AREA["star"]
+    assert np.allclose(cover, cover[:, ::-1], atol=1e-6)  # mirror-symmetric about the vertical axis
+    t = (np.arange(96) + 0.5) / 96
+    assert abs((cover.sum(1) @ t) / cover.sum() - 0.5) < 0.01 * side  # centroid at the box centre
+    # five points: the coverage of a ring at 0.8 of the outer radius has five runs
+    ang = np.linspace(0, 2 * math.pi, 720, endpoint=False)
+    r = 0.8 * side / 2
+    ring = cover[np.clip(((0.5 + r * np.sin(ang)) * 96).astype(int), 0, 95),
+                 np.clip(((0.5 + r * np.cos(ang)) * 96).astype(int), 0, 95)] > 0.5
+    assert int(np.sum(ring & ~np.roll(ring, 1))) == 5
+
+
+def test_reader_knows_stars_and_still_the_old_shapes(seed):
+    stars = star_prompts(60, 40, seed=seed % 100)
+    seen = [read_attributes(render_star(a), SHAPES + NEW_SHAPES) for a, _ in stars]
+    assert sum(s["shape"] == "star" for s in seen) >= 57
+    assert sum(all(s[k] == a[k] for k in ("colour", "position", "size")) for s, (a, _) in zip(seen, stars)) >= 57
+    old = ShapesDataset(32, seed=seed % 100, split="eval")
+    right = sum(read_attributes(render(old.attributes(i)), SHAPES + NEW_SHAPES)["shape"] == old.attributes(i)["shape"]
+                for i in range(60))
+    assert right >= 57
+
+
+def test_held_out_star_prompts(tmp_path, seed):
+    taught = {tuple(a[k] for k in COMBO) for a in training_stars(40)}
+    prompts = star_prompts(100, 40)
+    assert not {tuple(a[k] for k in COMBO) for a, _ in prompts} & taught
+    assert all("star" in text and a["shape"] == "star" for a, text in prompts)
+    assert prompts == star_prompts(100, 40)
+    assert teach_shape.main(["data", "--out", str(tmp_path / "d"), "--n", "7", "--replay", "5"]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "d" / "metadata.jsonl").read_text().splitlines()]
+    assert len(rows) == 12 and sum("star" in r["text"] for r in rows) == 7
+    assert all((tmp_path / "d" / r["file_name"]).is_file() for r in rows)
+    assert teach_shape.main(["eval", "--unet", str(tmp_path / "none"), "--n", "0"]) == 2
+
+
+def test_labelled_rows():
+    x = torch.rand(6, 3, 8, 8) * 2 - 1
+    img = labelled_rows(x, ["a", "b"], scale=2, pad=2)
+    assert img.width > 3 * 16 and img.height == 2 * ((8 + 2) * 2 + 4)
