@@ -135,6 +135,39 @@ class PriorDataset:
         return {"name": "folder+prior", "instance": self.instance.describe(), "prior": self.prior.describe()}
 
 
+DECODER_BETAS = (0.9, 0.99)  # the VAE training's Adam betas (ldm.vae_training)
+
+
+def tune_decoder(vae_dir: str | Path, dataset, out: str | Path, steps: int = 400, batch_size: int = 32,
+                 lr: float = 1e-3, seed: int = 0, device="cpu") -> Path:
+    """Teach a VAE's decoder new pictures, the encoder frozen: the latents (and a UNet's latent cache) stay
+    the same, so a UNet fine-tuned on them can draw what the old decoder could not (a new shape). L2
+    reconstruction of a fresh posterior sample, Adam with the VAE training's betas; the latent scale and
+    shift are kept. Writes ``out/vae.*``."""
+    from ldm.pretrained import load_vae, save_vae
+
+    vae, meta = load_vae(vae_dir, device)
+    vae.requires_grad_(False).train()
+    params = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.Adam(params, lr=lr, betas=DECODER_BETAS)
+    g = torch.Generator().manual_seed(seed)
+    for step in range(steps):
+        idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
+        x = torch.stack([dataset[i]["image"] for i in idx]).to(device)  # (B, 3, H, W)
+        with torch.no_grad():
+            posterior = vae.encode(x)
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=g).to(device)
+        loss = torch.nn.functional.mse_loss(vae.decode(z), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    vae.eval().requires_grad_(False)
+    return save_vae(out, vae, created_by="ldm.finetune.tune_decoder", tuned_from=str(Path(vae_dir).resolve()),
+                    decoder_steps=steps, final_loss=loss.item())
+
+
 class Trainable:
     """The parameters a run trains, their EMA, and the checkpoint parts that hold them.
 

@@ -2,7 +2,8 @@
 runs/unet, which knows circles, squares, triangles and crosses) a shape it never saw, a star, with LoRA.
 
     python -m ldm.teach_shape data --out runs/stars                       # 40 captioned stars + 200 old scenes
-    python -m ldm.train_unet --text --init-from runs/unet --data runs/stars --out runs/star-lora \\
+    python -m ldm.teach_shape decoder --vae runs/vae --data runs/stars --out runs/star-vae   # the VAE learns stars
+    python -m ldm.train_unet --text --init-from runs/unet --vae runs/star-vae --data runs/stars --out runs/star-lora \\
         --lora 8 --lora-targets attn+ff --lr 3e-3 --steps 600 --batch-size 32 --val-every 0 --threads 1
     python -m ldm.teach_shape eval --unet runs/star-lora --base runs/unet --grid stars.png
 
@@ -43,6 +44,15 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=40, help="star scenes (default 40)")
     d.add_argument("--replay", type=int, default=200, help="old scenes of the built-in training stream (default 200)")
     d.add_argument("--resolution", type=int, default=32, help="pixels (default 32, the demo's)")
+    v = sub.add_parser("decoder", help="teach the VAE's decoder the new pictures (encoder frozen: same latents)",
+                       allow_abbrev=False)
+    v.add_argument("--vae", required=True, metavar="DIR", help="the demo's VAE (runs/vae)")
+    v.add_argument("--data", required=True, metavar="DIR", help="the folder `data` wrote")
+    v.add_argument("--out", required=True, metavar="DIR", help="where the tuned VAE goes")
+    v.add_argument("--steps", type=int, default=800, help="steps (default 800)")
+    v.add_argument("--batch-size", type=int, default=32, help="pictures a step (default 32)")
+    v.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
+    v.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
     e = sub.add_parser("eval", help="score the fine-tuned model on held-out star prompts and the old prompts",
                        allow_abbrev=False)
     e.add_argument("--unet", required=True, metavar="DIR", help="the fine-tuned model (train_unet --out)")
@@ -62,13 +72,33 @@ def summary(r: dict) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.n <= 0:
+    if getattr(args, "n", 1) <= 0:
         raise InputError(f"--n must be positive, got {args.n}")
     if args.what == "data":
         if args.replay < 0:
             raise InputError(f"--replay must be >= 0, got {args.replay}")
         out = write_star_folder(args.out, args.n, args.resolution, args.replay)
         print(f"teach_shape: wrote {args.n} star scenes and {args.replay} old ones to {out}", file=sys.stderr)
+        return 0
+    if args.what == "decoder":
+        import torch
+
+        from ldm.data import open_dataset
+        from ldm.finetune import tune_decoder
+        from ldm.pretrained import load_vae
+
+        if args.steps <= 0 or args.batch_size <= 0 or args.lr <= 0:
+            raise InputError("--steps, --batch-size and --lr must be positive")
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        try:
+            _, meta = load_vae(args.vae)
+            dataset = open_dataset(args.data, meta["resolution"])
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(str(e)) from None
+        out = tune_decoder(args.vae, dataset, args.out, args.steps, args.batch_size, args.lr)
+        print(f"teach_shape: wrote {out} (the decoder tuned {args.steps} steps on {len(dataset)} pictures)",
+              file=sys.stderr)
         return 0
     device = resolve_device(args.device)
     pipe = load_pipeline(args.unet, device=device)

@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     data = p.add_argument_group("data and cache")
     data.add_argument("--vae", default="runs/vae", metavar="DIR",
-                      help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution")
+                      help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution. With "
+                           "--init-from: the folder's VAE unless given")
     data.add_argument("--data", default=None, metavar="DIR",
                       help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
                            "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")

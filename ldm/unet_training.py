@@ -259,7 +259,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     base, schedule_spec, text_options = None, c.schedule, None
     if c.init_from is not None:  # the pretrained folder's VAE, text encoder, schedule and prediction win
         base = open_base(c.init_from, out, device)
-        c = dataclasses.replace(c, vae=str(base.vae_dir), text_encoder=base.text_encoder,
+        vae_dir = c.vae if "vae" in given else str(base.vae_dir)  # --vae given: another decoder of its latents
+        c = dataclasses.replace(c, vae=vae_dir, text_encoder=base.text_encoder,
                                 prediction=base.info.prediction)
         schedule_spec, text_options = base.info.schedule, base.text_options
     try:

@@ -59,3 +59,29 @@ def test_labelled_rows():
     x = torch.rand(6, 3, 8, 8) * 2 - 1
     img = labelled_rows(x, ["a", "b"], scale=2, pad=2)
     assert img.width > 3 * 16 and img.height == 2 * ((8 + 2) * 2 + 4)
+
+
+def test_tune_decoder_keeps_the_latents(tmp_path, seed):
+    """The decoder learns, the encoder and the latent scale stay: a UNet's latent cache remains valid."""
+    from ldm.data import ShapesDataset as Shapes
+    from ldm.finetune import tune_decoder
+    from ldm.pretrained import load_vae
+    from t2i_helpers import RESOLUTION, make_vae
+
+    src = make_vae(tmp_path / "vae", seed)
+    data = Shapes(RESOLUTION, length=64, seed=seed % 100)
+    x = torch.stack([data[i]["image"] for i in range(16)])  # (16, 3, R, R)
+    before, meta = load_vae(src)
+    assert teach_shape.main(["decoder", "--vae", str(src), "--data", str(tmp_path / "none"), "--out",
+                             str(tmp_path / "x")]) == 2
+    tune_decoder(src, data, tmp_path / "tuned", steps=60, batch_size=8, lr=3e-3, seed=seed)
+    after, meta2 = load_vae(tmp_path / "tuned")
+    assert (meta2["latent_scale_factor"], meta2["latent_mean"]) == (meta["latent_scale_factor"], meta["latent_mean"])
+    sb, sa = before.state_dict(), after.state_dict()
+    assert all(torch.equal(sb[k], sa[k]) for k in sb if k.startswith(("encoder.", "quant_conv.")))
+    assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith("decoder."))
+    with torch.no_grad():
+        z = before.encode(x).mean
+        err_before = torch.nn.functional.mse_loss(before.decode(z), x).item()
+        err_after = torch.nn.functional.mse_loss(after.decode(z), x).item()
+    assert err_after < 0.9 * err_before, (err_before, err_after)
