@@ -203,6 +203,8 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
             raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
                              f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
+    if c.lora and d.world > 1:
+        raise InputError("--lora trains in one process for now (its adapters sit outside DistributedDataParallel)")
     if c.lora < 0:
         raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
     if c.lora:
@@ -317,6 +319,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     ema = UNet(config).to(device).eval().requires_grad_(False)
     if base is not None:
         model.load_state_dict(base.unet.state_dict())
+        base.unet = None  # copied: not a third UNet in memory through the run
     ema.load_state_dict(model.state_dict())
     trainable = Trainable(model, ema, LoRAConfig(c.lora, c.lora_alpha, c.lora_targets) if c.lora else None)
     # the fused kernel: on 2 CPU cores the per-tensor loop costs ~25x more for the tiny UNet's 4M parameters
