@@ -153,7 +153,7 @@ def tune_decoder(vae_dir: str | Path, dataset, out: str | Path, steps: int = 400
         p.requires_grad_(True)
     opt = torch.optim.Adam(params, lr=lr, betas=DECODER_BETAS)
     g = torch.Generator().manual_seed(seed)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
         x = torch.stack([dataset[i]["image"] for i in idx]).to(device)  # (B, 3, H, W)
         with torch.no_grad():

@@ -56,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("eval", help="score the fine-tuned model on held-out star prompts and the old prompts",
                        allow_abbrev=False)
     e.add_argument("--unet", required=True, metavar="DIR", help="the fine-tuned model (train_unet --out)")
-    e.add_argument("--base", default=None, metavar="DIR", help="the model before fine-tuning, scored on the old prompts")
+    e.add_argument("--base", default=None, metavar="DIR",
+                   help="the model before fine-tuning, scored on the old prompts")
     e.add_argument("--n", type=int, default=DEFAULT_N, help=f"prompts of each kind (default {DEFAULT_N})")
     e.add_argument("--train-stars", type=int, default=40, help="star scenes the model was taught (data --n): "
                                                                   "the held-out prompts avoid their attributes")

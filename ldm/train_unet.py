@@ -108,15 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
                        help="recompute activations in the backward pass to save memory")
     tune = p.add_argument_group("fine-tuning (ldm.finetune, ldm.lora)")
     tune.add_argument("--init-from", default=None, metavar="PATH",
-                      help="start from a pretrained model: a diffusers Stable Diffusion 1.x folder or a folder of ours; "
-                           "its UNet, VAE, text encoder (and tokenization), schedule and prediction replace --preset, "
-                           "--vae, --text-encoder, --schedule and --prediction")
+                      help="start from a pretrained model: a diffusers Stable Diffusion 1.x folder or a folder of "
+                           "ours; its UNet, VAE, text encoder (and tokenization), schedule and prediction replace "
+                           "--preset, --vae (unless given), --text-encoder, --schedule and --prediction")
     tune.add_argument("--class-prompt", default=None, metavar="TEXT",
                       help="DreamBooth prior preservation: before training the --init-from model draws --class-images "
                            "pictures of TEXT (e.g. 'a photo of a dog'); each batch is half --data's pictures, half "
                            "those, the loss instance + --prior-weight x class")
     tune.add_argument("--class-images", type=int, default=DEMO.class_images, metavar="N",
-                      help=f"pictures of --class-prompt to draw, once, into OUT/class_images (default {DEMO.class_images})")
+                      help=f"pictures of --class-prompt to draw, once, into OUT/class_images "
+                           f"(default {DEMO.class_images})")
     tune.add_argument("--prior-weight", type=float, default=DEMO.prior_weight,
                       help=f"weight of the class pictures' loss (default {DEMO.prior_weight})")
     tune.add_argument("--lora", type=int, default=0, metavar="RANK",

@@ -34,7 +34,7 @@ from ldm.finetune import PriorDataset, Trainable, class_images, open_base
 from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_cache, validation_prompts
 from ldm.lora import LoRAConfig
 from ldm.pipeline import Pipeline, generate
-from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae, save_unet
+from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
                          sigterm_as_interrupt)
@@ -354,7 +354,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     if d.main:
         what = (f"text-conditional ({width}-wide tokens)" if c.text else
                 f"class-conditional ({num_classes} classes)" if c.class_cond else "unconditional")
-        print(f"train_unet: {c.preset if base is None else 'pretrained'} UNet, {count_parameters(model) / 1e6:.2f}M parameters ({trainable.describe()}), "
+        print(f"train_unet: {c.preset if base is None else 'pretrained'} UNet, "
+              f"{count_parameters(model) / 1e6:.2f}M parameters ({trainable.describe()}), "
               f"{what}, {c.prediction}-prediction on the {schedule_spec} schedule; {N} cached latents "
               f"{latent_shape} of {dataset.describe()['name']}; {c.steps} steps of {B}"
               f"{f' ({d.world} processes x {b})' if d.world > 1 else ''} on {device}", file=sys.stderr)
@@ -460,7 +461,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     enc_path = None if c.text_encoder is None else str(Path(c.text_encoder).resolve())  # None: the default
     info = UNetFile(config=config, prediction=c.prediction, schedule=schedule_spec,
                     num_timesteps=schedule.num_timesteps, latent_shape=latent_shape, resolution=resolution,
-                    text_encoder=TextEncoderSpec(path=enc_path, width=width, **(text_options or {})) if c.text else None,
+                    text_encoder=(TextEncoderSpec(path=enc_path, width=width, **(text_options or {}))
+                                  if c.text else None),
                     vae=str(Path(c.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                     sampler=SAMPLER, sample_steps=c.val_steps, cfg_scale=c.val_cfg, val_prompts=val_prompts,
                     created_by=CREATED_BY,

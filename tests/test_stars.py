@@ -11,7 +11,7 @@ import torch
 
 from ldm import teach_shape
 from ldm.data.shapes import _AREA, NEW_SHAPES, SHAPES, ShapesDataset, read_attributes, render, shape_coverage
-from ldm.data.stars import COMBO, render_star, star_prompts, training_stars, write_star_folder
+from ldm.data.stars import COMBO, render_star, star_prompts, training_stars
 from ldm.runlog import labelled_rows
 
 
