@@ -112,3 +112,33 @@ def test_targets_and_partial_files(tmp_path, seed):
         load_lora(tmp_path / "bad.safetensors", ours)
     with pytest.raises(ValueError, match="rank"):
         LoRAConfig(rank=0)
+
+
+def test_reads_a_lora_that_diffusers_wrote(tmp_path, seed):
+    """A LoRA trained the diffusers way (peft adapter on to_q and to_v only, alpha != rank), saved with
+    save_lora_weights: load_lora reads its alpha from the header and our merged UNet gives diffusers' output."""
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    g = torch.Generator().manual_seed(seed)
+    theirs = redraw_(diffusers.UNet2DConditionModel(**TINY_SD_UNET).to(F64).eval(), g)
+    theirs.time_proj = Float64Timesteps(TINY_SD_UNET["block_out_channels"][0])
+    ours = ours_from(theirs).eval()
+    config = LoraConfig(r=2, lora_alpha=6, target_modules=["to_q", "to_v"], init_lora_weights=False)
+    theirs.add_adapter(config)
+    with torch.no_grad():
+        for name, p in theirs.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        tmp_path, unet_lora_layers=get_peft_model_state_dict(theirs), unet_lora_adapter_metadata=config.to_dict(),
+        weight_name="theirs.safetensors")
+    lora = load_lora(tmp_path / "theirs.safetensors", ours)
+    assert {n.rsplit(".", 1)[-1] for n in lora.names} == {"qkv", "q", "kv"}  # to_q / to_v live in fused layers
+    lora.merge()
+    x, t, context = unet_inputs(TINY_SD_UNET, g)
+    with torch.no_grad():
+        ref = theirs(x, t, encoder_hidden_states=context).sample
+        assert rel_err(ours(x, t, context), ref) < TOL
+        lora.unmerge()
+        assert rel_err(ours(x, t, context), ref) > 1e-3  # without it the output differs: the LoRA counts
