@@ -101,7 +101,6 @@ class Adapter(nn.Module):
 
     def delta(self) -> torch.Tensor:
         """B @ A, the weight update: (out, in) or (out, in, kh, kw)."""
-        parts, rank = self.A.shape[:2]
         d = torch.bmm(self.B, self.A.flatten(2))  # (parts, out / parts, in * kh * kw)
         return d.reshape(-1, *self.A.shape[2:])
 
@@ -158,6 +157,8 @@ class LoRA(nn.Module):
         """W += scale * self.scale * B @ A in every target layer; the weights before are kept for ``unmerge``."""
         if self._saved is not None:
             raise RuntimeError("this LoRA is already merged; unmerge() first")
+        if self._hooks:  # the update would count twice: once in the weights, once in the hooks
+            raise RuntimeError("this LoRA is attached; detach_hooks() before merge()")
         self._saved = {}
         for name, layer, adapter in self.layers():
             self._saved[name] = layer.weight.detach().clone()
