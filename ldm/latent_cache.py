@@ -88,6 +88,25 @@ def encode_latents(vae, dataset, n: int, device, workers: int, quiet: bool) -> d
 
 
 @torch.no_grad()
+def encode_bucketed_latents(vae, dataset, n: int, device, workers: int, quiet: bool) -> dict:
+    """``encode_latents`` for an ``ldm.data.buckets.BucketedFolder``: each bucket's items encoded together;
+    item i's latent in the top-left (h_i, w_i) corner of (n, C, h_max, w_max) float16 tensors, zeros
+    elsewhere; bucket (n,) and bucket_sizes (K, 2), the latent size of each bucket."""
+    f = vae.config.downsample_factor
+    sizes = torch.tensor([[h // f, w // f] for h, w in dataset.sizes], dtype=torch.long)  # (K, 2)
+    bucket = torch.as_tensor(dataset.bucket[:n], dtype=torch.long)  # (n,)
+    C, (H, W) = vae.config.latent_channels, sizes.max(0).values.tolist()
+    mean, std = torch.zeros(n, C, H, W, dtype=torch.float16), torch.zeros(n, C, H, W, dtype=torch.float16)
+    for k, (h, w) in enumerate(sizes.tolist()):
+        items = torch.nonzero(bucket == k).flatten().tolist()
+        if not items:
+            continue
+        part = encode_latents(vae, torch.utils.data.Subset(dataset, items), len(items), device, workers, quiet)
+        mean[items, :, :h, :w], std[items, :, :h, :w] = part["mean"], part["std"]  # (n_k, C, h, w) each
+    return {"mean": mean, "std": std, "bucket": bucket, "bucket_sizes": sizes}
+
+
+@torch.no_grad()
 def encode_captions(encoder, captions: list[str], extra: list[str], quiet: bool) -> dict:
     """Each distinct text of ``captions`` + ``extra`` + the empty prompt encoded once:
     tokens (U, L, width) float16 zero-padded, lengths (U,), index (n,) of each caption's row,
@@ -121,11 +140,12 @@ def encoder_path(text_encoder: str | None) -> str:
         raise InputError(str(e)) from None
 
 
-def load_text_encoder(path: str, device):
+def load_text_encoder(path: str, device, options: dict | None = None):
+    """``options``: TextEncoder's tokenization (SD's CLIP: pad_to_max, mask_padding False); None: ours."""
     from ldm.text import TextEncoder
 
     try:
-        return TextEncoder(path, device=device)
+        return TextEncoder(path, device=device, **(options or {}))
     except (FileNotFoundError, ImportError, OSError, ValueError) as e:
         raise InputError(f"--text-encoder: {e}") from None
 
@@ -152,12 +172,14 @@ class Cache:
     empty_row: int = 0
     val_rows: torch.Tensor | None = None  # (V,)
     labels: torch.Tensor | None = None  # (N,) int64 class of each item, for a labelled dataset
+    bucket: torch.Tensor | None = None  # (N,) aspect-ratio bucket of each item (--buckets); None: all one size
+    bucket_sizes: torch.Tensor | None = None  # (K, 2) latent (h, w) of each bucket
 
     def to(self, device) -> Cache:
         nbytes = sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.tokens) if t is not None)
         if nbytes > CACHE_ON_DEVICE_BYTES:
             device = torch.device("cpu")
-        for f in ("mean", "std", "tokens", "token_lengths", "caption_row", "val_rows", "labels"):
+        for f in ("mean", "std", "tokens", "token_lengths", "caption_row", "val_rows", "labels", "bucket"):
             if getattr(self, f) is not None:
                 setattr(self, f, getattr(self, f).to(device))
         return self
@@ -165,7 +187,7 @@ class Cache:
 
 def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset, n: int,
                   text_encoder: str | None, val_prompts: list[str], device, workers: int = 0,
-                  quiet: bool = False) -> Cache:
+                  quiet: bool = False, text_options: dict | None = None) -> Cache:
     """Build (rank 0) or reuse the latent cache of items 0..n-1 in ``folder`` (and, with ``text_encoder``,
     the resolved encoder folder, the text cache), then load them on every rank."""
     folder = Path(folder)
@@ -174,12 +196,15 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
     latent_key = {**base, "vae_sha256": file_digest(vae_dir / "vae.safetensors"),
                   "vae_json_sha256": file_digest(vae_dir / "vae.json")}
     text_key = {**base, "text_encoder": text_encoder, "val_prompts": val_prompts} if text_encoder else None
+    if text_key is not None and text_options:  # another tokenization is another cache (absent: older caches hold)
+        text_key["text_options"] = text_options
     latent_file, text_file = folder / "latents.safetensors", folder / "text.safetensors"
 
     def build():
         if not cache_is_current(latent_file, latent_key, "latent"):
             t0 = time.perf_counter()
-            latents = encode_latents(vae, dataset, n, device, workers, quiet)
+            encode = encode_bucketed_latents if hasattr(dataset, "sizes") else encode_latents
+            latents = encode(vae, dataset, n, device, workers, quiet)
             if getattr(dataset, "labels", None) is not None:
                 latents["labels"] = torch.as_tensor(np.asarray(dataset.labels[:n]), dtype=torch.long)  # (n,)
             save_tensors(latents, latent_file, metadata={"ldm_cache": json.dumps(latent_key)})
@@ -187,7 +212,7 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
                   f"{time.perf_counter() - t0:.0f} s", file=sys.stderr)
         if text_key is not None and not cache_is_current(text_file, text_key, "text"):
             t0 = time.perf_counter()
-            encoder = load_text_encoder(text_key["text_encoder"], device)
+            encoder = load_text_encoder(text_key["text_encoder"], device, text_options)
             text = encode_captions(encoder, dataset_captions(dataset, n), val_prompts, quiet)
             save_tensors(text, text_file, metadata={"ldm_cache": json.dumps(text_key)})
             print(f"train_unet: cached {len(text['tokens'])} distinct captions of {n} items, "
@@ -197,7 +222,8 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
     d.on_main(build)
     latents = load_tensors(latent_file, "latent cache")
     cache = Cache(latents["mean"], latents["std"], keys={"latents": latent_key, "text": text_key},
-                  labels=latents.get("labels"))
+                  labels=latents.get("labels"), bucket=latents.get("bucket"),
+                  bucket_sizes=latents.get("bucket_sizes"))
     if text_key is not None:
         text = load_tensors(text_file, "text cache")
         cache.tokens, cache.token_lengths, cache.caption_row = text["tokens"], text["lengths"], text["index"]
@@ -229,6 +255,50 @@ class Positions:
         return torch.from_numpy(out)
 
 
+class BucketPositions:
+    """``Positions`` for bucketed items: every global batch comes from one bucket. Epoch e shuffles each
+    bucket's items (seed, e, k), cuts them into batches of B (a bucket's last batch wraps round to its
+    start) and shuffles the batches; step s takes batch s of the stream of epochs. Deterministic in
+    (seed, step): a run resumes exactly."""
+
+    def __init__(self, bucket: torch.Tensor, batch_size: int, seed: int):
+        self.bucket, self.B, self.seed, self._epochs = bucket.cpu().numpy(), batch_size, seed, {}
+        self.members = [np.nonzero(self.bucket == k)[0] for k in range(int(self.bucket.max()) + 1)]
+        self.per_epoch = sum(-(-len(m) // batch_size) for m in self.members)
+
+    def _epoch(self, e: int) -> list[np.ndarray]:
+        if e not in self._epochs:
+            batches = []
+            for k, items in enumerate(self.members):
+                if len(items):
+                    order = np.random.default_rng([self.seed, e, k]).permutation(items)
+                    reps = -(-len(order) // self.B)
+                    order = np.resize(order, reps * self.B)  # the last batch wraps round
+                    batches += list(order.reshape(reps, self.B))
+            self._epochs = {e: [batches[i] for i in np.random.default_rng([self.seed, e]).permutation(len(batches))]}
+        return self._epochs[e]
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        step, first = divmod(start, self.B)
+        e, j = divmod(step, self.per_epoch)
+        return torch.from_numpy(self._epoch(e)[j][first:first + count].copy())
+
+
+class PriorPositions:
+    """DreamBooth's batches: rows 0..B/2-1 from the user's pictures (items 0..n_instance-1), the rest
+    from the class pictures after them, each an endless shuffled stream of its own (``Positions``)."""
+
+    def __init__(self, n: int, n_instance: int, batch_size: int, seed: int):
+        self.B, self.half, self.n_instance = batch_size, batch_size // 2, n_instance
+        self.instance, self.prior = Positions(n_instance, seed), Positions(n - n_instance, seed + 1)
+
+    def take(self, start: int, count: int) -> torch.Tensor:
+        step, first = divmod(start, self.B)
+        rows = torch.cat([self.instance.take(step * self.half, self.half),
+                          self.n_instance + self.prior.take(step * (self.B - self.half), self.B - self.half)])
+        return rows[first:first + count]
+
+
 class Batches:
     """Step s's global batch: the cached items at stream positions s*B .. s*B + B - 1, a fresh posterior
     sample of each latent, timesteps, noise and caption drops, all drawn for the whole global batch
@@ -238,7 +308,7 @@ class Batches:
 
     def __init__(self, cache: Cache, batch_size: int, d: Dist, seed: int, cfg_drop: float, num_timesteps: int,
                  device: torch.device, t_focus: tuple[float, float, float] = (0.0, 0.0, 1.0),
-                 null_class: int | None = None):
+                 null_class: int | None = None, prior: tuple[int, float] | None = None):
         self.cache, self.B, self.seed, self.cfg_drop, self.T, self.device = (
             cache, batch_size, seed, cfg_drop, num_timesteps, device)
         if null_class is not None and cache.labels is None:
@@ -248,7 +318,14 @@ class Batches:
         self.b = batch_size // d.world
         self.first = d.rank * self.b  # this rank's first row of every global batch
         self.rows = slice(self.first, self.first + self.b)
-        self.positions = Positions(len(cache.mean), seed)
+        self.positions = (Positions(len(cache.mean), seed) if cache.bucket is None else
+                          BucketPositions(cache.bucket, batch_size, seed))
+        self.weight = None
+        if prior is not None:  # (n_instance, prior weight): loss = instance + weight x class, a row's share
+            self.positions = PriorPositions(len(cache.mean), prior[0], batch_size, seed)
+            w = torch.full((batch_size,), 2.0 * prior[1], device=device)  # (B,): mean(w * loss) is the sum
+            w[: batch_size // 2] = 2.0
+            self.weight = w[self.rows]
         self.gen = torch.Generator(device)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]:
@@ -262,11 +339,15 @@ class Batches:
         noise = torch.randn(shape, generator=self.gen, device=dev)[self.rows]  # (b, C, h, w)
         drop = (torch.rand(B, generator=self.gen, device=dev) < self.cfg_drop)[self.rows]  # (b,)
         x0 = c.mean[idx].to(dev).float() + c.std[idx].to(dev).float() * z_noise  # (b, C, h, w)
+        if c.bucket is not None:  # one bucket a batch: its latents fill the top-left (h_k, w_k) corner
+            h, w = c.bucket_sizes[int(c.bucket[idx[0]])].tolist()
+            x0, noise = x0[..., :h, :w], noise[..., :h, :w]  # (b, C, h_k, w_k)
         if self.null_class is not None:
             labels = torch.where(drop, self.null_class, c.labels[idx].to(dev))  # (b,)
             return x0, t, noise, {"class_labels": labels}
         if c.tokens is None:
             return x0, t, noise, {}
+        extra = {} if self.weight is None else {"loss_weight": self.weight}  # popped before the UNet
         row = torch.where(drop, c.empty_row, c.caption_row[idx].to(dev)).to(c.tokens.device)  # (b,)
         return x0, t, noise, {"context": c.tokens[row].to(dev).float(),  # (b, L, width)
-                              "context_lengths": c.token_lengths[row].to(dev)}  # (b,)
+                              "context_lengths": c.token_lengths[row].to(dev), **extra}  # (b,)

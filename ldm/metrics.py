@@ -19,7 +19,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from ldm.data.shapes import eval_prompts, read_attributes
+from ldm.data.shapes import SHAPES, eval_prompts, read_attributes
 from ldm.pipeline import generate
 from ldm.pretrained import DEFAULT_CFG, DEFAULT_SAMPLER, DEFAULT_STEPS
 
@@ -91,10 +91,10 @@ PROMPT_SEED = 0  # eval_prompts(n, PROMPT_SEED): the same prompts for every mode
 DEFAULT_N = 200  # held-out prompts eval_text scores
 
 
-def score(images: torch.Tensor, attributes: list[dict]) -> tuple[dict, list[dict]]:
+def score(images: torch.Tensor, attributes: list[dict], shapes: tuple[str, ...] = SHAPES) -> tuple[dict, list[dict]]:
     """images (N, 3, H, W) in [-1, 1] and the attributes each should show -> (share right per attribute
-    and per combination, what the reader saw in each image)."""
-    seen = [read_attributes(img) for img in images]
+    and per combination, what the reader saw in each image). ``shapes``: what the reader tells apart."""
+    seen = [read_attributes(img, shapes) for img in images]
     right = [{a: s[a] == want[a] for a in ATTRIBUTES} for s, want in zip(seen, attributes, strict=True)]
     shares = {a: sum(r[a] for r in right) / len(right) for a in ATTRIBUTES}
     for name, group in COMBINED.items():
@@ -104,24 +104,27 @@ def score(images: torch.Tensor, attributes: list[dict]) -> tuple[dict, list[dict
 
 def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                      cfg: float = DEFAULT_CFG, seed: int = 0, batch_size: int = 100, spacing: str | None = None,
-                     progress: bool = False, return_images: bool = False, guide=None) -> dict:
+                     progress: bool = False, return_images: bool = False, guide=None,
+                     pairs: list[tuple[dict, str]] | None = None, shapes: tuple[str, ...] = SHAPES) -> dict:
     """Sample the first ``n`` held-out prompts once each with ``pipe`` (a text-conditional
     ``ldm.Pipeline`` with its encoder) and score them. -> {"n", "sampler", "steps", "cfg",
     "seed", "seconds", per-attribute shares, HEADLINE, "all", "misses" (the first few wrong images)}
     plus "images" (N, 3, H, W) with ``return_images``. ``guide`` (``ldm.clip_guidance.ClipGuide`` of the same
-    ``n`` prompts) steers sampling; with it an unconditional UNet can be scored too."""
+    ``n`` prompts) steers sampling; with it an unconditional UNet can be scored too. ``pairs``: other
+    (attributes, prompt) pairs than the held-out ones (e.g. ``ldm.data.stars.star_prompts``); ``shapes``: the
+    reader's shapes."""
     if not pipe.conditional and guide is None:
         raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")
     if n <= 0:
         raise ValueError(f"evaluate_prompts: n must be positive, got {n}")
-    pairs = eval_prompts(n, PROMPT_SEED)
+    pairs = eval_prompts(n, PROMPT_SEED) if pairs is None else pairs[:n]
     prompts = [text for _, text in pairs]
     t0 = time.perf_counter()
     images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,
                       spacing=spacing, progress=progress,
                       **({"guide": guide} if guide is not None else {}))  # (n, 3, H, W)
     seconds = time.perf_counter() - t0
-    shares, seen = score(images, [a for a, _ in pairs])
+    shares, seen = score(images, [a for a, _ in pairs], shapes)
     misses = [{"prompt": p, "read": {a: s[a] for a in ATTRIBUTES}}
               for p, s, (want, _) in zip(prompts, seen, pairs, strict=True)
               if any(s[a] != want[a] for a in COMBINED[HEADLINE])][:10]

@@ -103,6 +103,14 @@ class Pipeline:
             self.autocast_dtype = dtype if dtype in (torch.float16, torch.bfloat16) else None
         return self
 
+    def load_lora(self, path: str | Path, scale: float = 1.0) -> Pipeline:
+        """Merge a LoRA file (``ldm.lora``: ours or diffusers' layout) into the UNet, times ``scale``;
+        call again to stack several. Returns self."""
+        from ldm.lora import load_lora
+
+        load_lora(path, self.unet).merge(scale)
+        return self
+
     # ----------------------------------------------------------------------------- properties
     @property
     def conditional(self) -> bool:

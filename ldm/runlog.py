@@ -119,6 +119,23 @@ def image_grid(x: torch.Tensor, nrow: int = 8, pad: int = 2, scale: int = 1) -> 
     return img
 
 
+LABEL_WIDTH = 330  # pixels of text before each labelled row: a caption of the built-in data fits
+
+
+def labelled_rows(x: torch.Tensor, labels: list[str], scale: int = 2, pad: int = 2) -> Image.Image:
+    """(R * n, 3, H, W) in [-1, 1], row-major, and R labels -> one PIL image, each row's label written
+    to its left (a picture that says what it shows)."""
+    n = len(x) // len(labels)
+    rows = [image_grid(x[r * n:(r + 1) * n], nrow=n, pad=pad, scale=scale) for r in range(len(labels))]
+    out = Image.new("RGB", (LABEL_WIDTH + rows[0].width, sum(r.height for r in rows)), "white")
+    draw, y = ImageDraw.Draw(out), 0
+    for label, row in zip(labels, rows):
+        out.paste(row, (LABEL_WIDTH, y))
+        draw.text((4, y + row.height // 2 - 6), label, fill="black")
+        y += row.height
+    return out
+
+
 class Progress:
     """tqdm bar over training steps with loss and images/s; ETA comes from tqdm."""
 

@@ -9,6 +9,8 @@
     python -m ldm.sample --from-diffusers PATH --prompt "..."       # a Stable Diffusion 1.x folder
     python -m ldm.sample --unet runs/uncond --clip runs/clip-noisy --clip-guidance 30 --prompt "..."  # GLIDE
     python -m ldm.sample --clip runs/clip-noisy --clip-guidance 10 --prompt "..."   # on top of the text UNet's CFG
+    python -m ldm.sample --from-diffusers PATH --lora runs/lora/lora.safetensors:0.8 --prompt "..."  # + a LoRA
+    python -m ldm.sample --unet runs/unet --lora a.safetensors --lora b.safetensors:0.5   # two LoRAs stacked
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
 given) and ``--n`` images a row; ``--images DIR`` also writes each image.
@@ -94,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--from-diffusers", default=None, metavar="PATH",
                      help="sample a Stable Diffusion 1.x folder in diffusers' layout instead of --unet/--vae "
                           "(--unet takes one too)")
+    src.add_argument("--lora", action="append", default=[], metavar="FILE[:SCALE]",
+                     help="merge a LoRA file (train_unet --lora's lora.safetensors, or diffusers' layout) into the "
+                          "UNet, times SCALE (default 1); repeat to stack several")
     src.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     what = p.add_argument_group("what to draw")
     what.add_argument("--prompt", action="append", metavar="TEXT", help="a prompt (repeat for more)")
@@ -149,6 +154,17 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError(f"--clip-guidance must be >= 0, got {args.clip_guidance}")
 
 
+def parse_lora(spec: str) -> tuple[str, float]:
+    """``FILE`` or ``FILE:SCALE`` -> (file, scale); a file name may hold colons, the scale is the last field."""
+    path, sep, tail = spec.rpartition(":")
+    if sep:
+        try:
+            return path, float(tail)
+        except ValueError:
+            pass
+    return spec, 1.0
+
+
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     device = resolve_device(args.device)
@@ -156,6 +172,12 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(args.from_diffusers, text_encoder=args.text_encoder, device=device)
     else:
         pipe = Pipeline.from_pretrained(args.unet, vae=args.vae, text_encoder=args.text_encoder, device=device)
+    for spec in args.lora:
+        path, scale = parse_lora(spec)
+        try:
+            pipe.load_lora(path, scale)
+        except (FileNotFoundError, ValueError) as e:
+            raise InputError(f"--lora {spec}: {e}") from None
     prompts = read_prompts(args, pipe)
     classes = read_classes(args, pipe)
     sampler = args.sampler or pipe.defaults.sampler

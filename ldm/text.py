@@ -93,7 +93,10 @@ class TextEncoder(torch.nn.Module):
         device = next(self.model.parameters()).device
         mask = batch["attention_mask"].to(device)  # (B, L)
         with torch.no_grad():
-            out = self.model(input_ids=batch["input_ids"].to(device), attention_mask=mask)
+            # SD's convention (mask_padding False): CLIP runs without a mask, so the padding's states are
+            # the ones Stable Diffusion's UNet was trained on
+            out = self.model(input_ids=batch["input_ids"].to(device),
+                             attention_mask=mask if self.mask_padding else None)
         context = out.last_hidden_state.float()  # (B, L, width)
         if self.mask_padding:
             lengths = mask.sum(1).long()  # (B,): right padding, so the first lengths[b] tokens are valid

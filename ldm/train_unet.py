@@ -5,6 +5,11 @@
     python -m ldm.train_unet --text --resume            # continue runs/unet from its last checkpoint
     python -m ldm.train_unet --data digits --class-cond --vae runs/digits-vae --out runs/digits-unet
     python -m ldm.train_unet --text --data DIR --preset small --text-encoder PATH --batch-size 256
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --lora 16 --out runs/lora   # LoRA on SD 1.x
+    python -m ldm.train_unet --text --init-from runs/unet --data DIR --lora 8 --lora-targets attn+ff
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DOG_PHOTOS --class-prompt "a photo of a dog" \
+        --class-images 200 --lr 5e-6 --steps 800 --out runs/dreambooth     # DreamBooth, captions "a photo of sks dog"
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --buckets --lora 16   # keep aspect ratios
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
 The latent cache (``--cache-dir``, default ``OUT/cache``) is built once: the VAE's posterior mean
@@ -41,6 +46,7 @@ import torch.distributed as dist
 from ldm.diffusion import PREDICTIONS, SCHEDULES
 from ldm.distributed import init_distributed
 from ldm.errors import InputError
+from ldm.lora import LORA_TARGETS
 from ldm.trainer import config_from_args, given_fields
 from ldm.unet import UNET_CONFIGS
 from ldm.unet_training import DEMO, EMA_WARMUP, TrainConfig, train
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     data = p.add_argument_group("data and cache")
     data.add_argument("--vae", default="runs/vae", metavar="DIR",
-                      help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution")
+                      help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution. With "
+                           "--init-from: the folder's VAE unless given")
     data.add_argument("--data", default=None, metavar="DIR",
                       help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
                            "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")
@@ -61,6 +68,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "a folder gives at most its size)")
     data.add_argument("--cache-dir", default=None, metavar="DIR",
                       help="where the latent and text caches live (default OUT/cache); runs may share one")
+    data.add_argument("--buckets", action="store_true",
+                      help="aspect-ratio buckets: each picture of --data DIR goes to the size (about the resolution's "
+                           "pixel count, sides at most 2:1) nearest its aspect ratio and keeps its framing; every "
+                           "batch comes from one bucket (default: crop square)")
     data.add_argument("--workers", type=int, default=0, help="data loader processes while caching (default 0)")
     text = p.add_argument_group("conditioning")
     text.add_argument("--text", action="store_true", help="condition on captions (default: unconditional)")
@@ -95,6 +106,28 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"standard deviation of that logit-normal (default {DEMO.t_focus_std})")
     model.add_argument("--grad-checkpointing", action="store_true",
                        help="recompute activations in the backward pass to save memory")
+    tune = p.add_argument_group("fine-tuning (ldm.finetune, ldm.lora)")
+    tune.add_argument("--init-from", default=None, metavar="PATH",
+                      help="start from a pretrained model: a diffusers Stable Diffusion 1.x folder or a folder of "
+                           "ours; its UNet, VAE, text encoder (and tokenization), schedule and prediction replace "
+                           "--preset, --vae (unless given), --text-encoder, --schedule and --prediction")
+    tune.add_argument("--class-prompt", default=None, metavar="TEXT",
+                      help="DreamBooth prior preservation: before training the --init-from model draws --class-images "
+                           "pictures of TEXT (e.g. 'a photo of a dog'); each batch is half --data's pictures, half "
+                           "those, the loss instance + --prior-weight x class")
+    tune.add_argument("--class-images", type=int, default=DEMO.class_images, metavar="N",
+                      help=f"pictures of --class-prompt to draw, once, into OUT/class_images "
+                           f"(default {DEMO.class_images})")
+    tune.add_argument("--prior-weight", type=float, default=DEMO.prior_weight,
+                      help=f"weight of the class pictures' loss (default {DEMO.prior_weight})")
+    tune.add_argument("--lora", type=int, default=0, metavar="RANK",
+                      help="train only LoRA adapters of this rank (the UNet frozen); writes OUT/lora.safetensors in "
+                           "diffusers' layout beside the merged model (default 0: train every weight)")
+    tune.add_argument("--lora-alpha", type=float, default=None, metavar="A",
+                      help="LoRA alpha: the update is scaled by alpha / rank (default: the rank, scale 1)")
+    tune.add_argument("--lora-targets", choices=LORA_TARGETS, default=DEMO.lora_targets,
+                      help="layers that get adapters: attention projections, also the feed-forward, or every "
+                           f"linear and convolution (default {DEMO.lora_targets})")
     train = p.add_argument_group("training")
     train.add_argument("--steps", type=int, default=DEMO.steps, help=f"optimizer steps (default {DEMO.steps})")
     train.add_argument("--batch-size", type=int, default=DEMO.batch_size,

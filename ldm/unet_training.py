@@ -26,12 +26,15 @@ import torch.distributed as dist
 
 from ldm.checkpoint import rng_state, set_rng_state
 from ldm.data import BUILTIN, is_builtin, open_dataset
+from ldm.data.buckets import BucketedFolder
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.distributed import Dist, weights_digest
 from ldm.errors import InputError
+from ldm.finetune import PriorDataset, Trainable, class_images, open_base
 from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_cache, validation_prompts
+from ldm.lora import LoRAConfig
 from ldm.pipeline import Pipeline, generate
-from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae, save_unet
+from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
                          sigterm_as_interrupt)
@@ -89,6 +92,15 @@ class TrainConfig:
     t_focus_mean: float = -0.85  # logit(0.3): centred at t = 300 (sigma 1.24 on the linear schedule)
     t_focus_std: float = 1.0
     grad_checkpointing: bool = False
+    # fine-tuning (ldm.finetune): start from a pretrained folder; LoRA trains only low-rank adapters
+    init_from: str | None = None  # a diffusers SD 1.x folder or one of ours: its UNet, VAE, text encoder, schedule
+    lora: int = 0  # LoRA rank; 0: train every weight
+    lora_alpha: float | None = None  # None: the rank (scale 1)
+    lora_targets: str = "attn"  # ldm.lora.LORA_TARGETS
+    buckets: bool = False  # aspect-ratio buckets of about the resolution's pixel count (ldm.data.buckets)
+    class_prompt: str | None = None  # DreamBooth prior preservation (ldm.finetune): the class's pictures...
+    class_images: int = 100  # ...this many, drawn by the pretrained model before training...
+    prior_weight: float = 1.0  # ...and their loss's weight beside the user's pictures'
     # training
     steps: int = 1500  # 347-666 s at batch 64 on 2 cores, by the load; 1250 steps: 89.0 / 88.7%, not 93.2 / 93.0%
     batch_size: int = 64  # global: split over the ranks. Batch 32 for 2000 steps (same time): 68.2%, not 82.8%
@@ -121,7 +133,8 @@ DEMO = TrainConfig()
 RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond",
               "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
-              "warmup", "weight_decay", "grad_clip", "ema_decay", "seed")
+              "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
+              "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
 # floating-point sums, so an exact resume keeps it too).
 KEPT_FIELDS = ("steps", "cache_dir", "workers", "threads", "grad_checkpointing", "ckpt_every", "val_every",
@@ -180,6 +193,25 @@ def check_config(c: TrainConfig, d: Dist) -> None:
                          "(expected a local Hugging Face model folder)")
     if c.eval and not c.text:
         raise InputError("--eval scores prompts; it needs --text")
+    if c.init_from is not None and not c.text:
+        raise InputError("--init-from fine-tunes a text-to-image model: it needs --text")
+    if c.buckets and is_builtin(c.data):
+        raise InputError("--buckets groups the pictures of an image folder by aspect ratio: it needs --data DIR")
+    if c.class_prompt is not None:
+        if c.init_from is None or is_builtin(c.data) or c.buckets:
+            raise InputError("--class-prompt (prior preservation) needs --init-from and --data DIR, without --buckets")
+        if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
+            raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
+                             f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
+    if c.lora and d.world > 1:
+        raise InputError("--lora trains in one process for now (its adapters sit outside DistributedDataParallel)")
+    if c.lora < 0:
+        raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
+    if c.lora:
+        try:
+            LoRAConfig(c.lora, c.lora_alpha, c.lora_targets)
+        except ValueError as e:
+            raise InputError(f"--lora: {e}") from None
     if c.eval and c.data is not None:
         raise InputError("--eval scores the built-in shapes; it does not apply to --data")
 
@@ -226,6 +258,13 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
     torch.set_num_threads(c.threads or max(1, (os.cpu_count() or 1) // d.world))
+    base, schedule_spec, text_options = None, c.schedule, None
+    if c.init_from is not None:  # the pretrained folder's VAE, text encoder, schedule and prediction win
+        base = open_base(c.init_from, out, device)
+        vae_dir = c.vae if "vae" in given else str(base.vae_dir)  # --vae given: another decoder of its latents
+        c = dataclasses.replace(c, vae=vae_dir, text_encoder=base.text_encoder,
+                                prediction=base.info.prediction)
+        schedule_spec, text_options = base.info.schedule, base.text_options
     try:
         vae, _ = load_vae(c.vae, device)
     except (FileNotFoundError, ValueError) as e:
@@ -238,10 +277,21 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         dataset = open_dataset(c.data, resolution, seed=DATA_SEED, caption_column=c.caption_column)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
-    n_cache = min(c.cache_images, len(dataset))
+    if c.buckets:  # a bucket side must survive the VAE and every UNet downsampling whole
+        levels = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult)
+        try:
+            dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2 ** (levels - 1))
+        except ValueError as e:
+            raise InputError(f"--buckets: {e}") from None
+    if c.class_prompt is not None:  # every picture of both sets is cached: the batches take half of each
+        prior = open_dataset(class_images(base, c.class_prompt, c.class_images, out, device, c.seed, quiet),
+                             resolution, seed=DATA_SEED)
+        dataset = PriorDataset(dataset, prior)
+    n_cache = len(dataset) if c.class_prompt is not None else min(c.cache_images, len(dataset))
     val_prompts = validation_prompts(c.data, dataset, n_cache, c.val_prompts) if c.text else []
     cache = prepare_cache(c.cache_dir or out / "cache", d, vae, c.vae, dataset, n_cache,
-                          encoder_path(c.text_encoder) if c.text else None, val_prompts, device, c.workers, quiet)
+                          encoder_path(c.text_encoder) if c.text else None, val_prompts, device, c.workers, quiet,
+                          text_options=text_options)
     if parts is not None and parts["run"]["cache_keys"] != cache.keys:
         raise InputError(f"the cache inputs changed since the checkpoint in {run.ckpt.root} (the VAE in {c.vae}, "
                          "the dataset or the text encoder); start a new run in another --out")
@@ -256,18 +306,27 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                              **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
+    if base is not None:
+        config = dataclasses.replace(base.info.config, gradient_checkpointing=c.grad_checkpointing)
+        if config.context_dim != width:
+            raise InputError(f"--init-from {c.init_from}: the UNet attends to {config.context_dim}-wide tokens, "
+                             f"its text encoder gives {width}")
     if d.main and not resume:  # every input checked: only now touch an earlier run's outputs
         run.start_new("train_unet")
         for old in (out / "val").glob("step_*.png"):
             old.unlink()
     model = UNet(config).to(device)
     ema = UNet(config).to(device).eval().requires_grad_(False)
+    if base is not None:
+        model.load_state_dict(base.unet.state_dict())
+        base.unet = None  # copied: not a third UNet in memory through the run
     ema.load_state_dict(model.state_dict())
+    trainable = Trainable(model, ema, LoRAConfig(c.lora, c.lora_alpha, c.lora_targets) if c.lora else None)
     # the fused kernel: on 2 CPU cores the per-tensor loop costs ~25x more for the tiny UNet's 4M parameters
-    opt = torch.optim.AdamW(optimizer_groups(model, c.weight_decay), lr=c.lr, betas=ADAMW_BETAS,
+    opt = torch.optim.AdamW(optimizer_groups(trainable.module, c.weight_decay), lr=c.lr, betas=ADAMW_BETAS,
                             fused=device.type in ("cpu", "cuda"))
     if parts is not None:
-        restore(parts, {"unet": model, "ema": ema, "optimizer": opt}, run.ckpt.root)
+        restore(parts, {**trainable.parts(), "optimizer": opt}, run.ckpt.root)
     if parts is not None and d.main:
         print(f"train_unet: resumed {out} at step {start_step} of {c.steps}", file=sys.stderr)
     ranks_rng = parts["rng"]["ranks"] if parts is not None else []
@@ -279,7 +338,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     if d.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
-    schedule = NoiseSchedule.from_name(c.schedule)
+    schedule = (NoiseSchedule.from_name(c.schedule) if base is None else base.info.noise_schedule())
     min_snr = c.min_snr_gamma or None
     pipe = Pipeline(unet=ema, vae=vae, schedule=schedule, prediction=c.prediction, latent_shape=latent_shape,
                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
@@ -295,8 +354,9 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     if d.main:
         what = (f"text-conditional ({width}-wide tokens)" if c.text else
                 f"class-conditional ({num_classes} classes)" if c.class_cond else "unconditional")
-        print(f"train_unet: {c.preset} UNet, {count_parameters(model) / 1e6:.2f}M parameters, {what}, "
-              f"{c.prediction}-prediction on the {c.schedule} schedule; {N} cached latents "
+        print(f"train_unet: {c.preset if base is None else 'pretrained'} UNet, "
+              f"{count_parameters(model) / 1e6:.2f}M parameters ({trainable.describe()}), "
+              f"{what}, {c.prediction}-prediction on the {schedule_spec} schedule; {N} cached latents "
               f"{latent_shape} of {dataset.describe()['name']}; {c.steps} steps of {B}"
               f"{f' ({d.world} processes x {b})' if d.world > 1 else ''} on {device}", file=sys.stderr)
 
@@ -308,7 +368,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         states = d.gather(rng_state()) if gather else [rng_state()]
         if d.main:
             run.ckpt.save(step, {
-                "unet": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
+                **{k: m.state_dict() for k, m in trainable.parts().items()}, "optimizer": opt.state_dict(),
                 "rng": {"ranks": states},
                 "run": {"args": run_args, "step": step, "data_position": step * B, "world_size": d.world,
                         "cache_keys": cache.keys, "dataset": dataset.describe()},
@@ -323,8 +383,9 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
             plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
 
     batches = Batches(cache, B, d, c.seed, c.cfg_drop, schedule.num_timesteps, device,
-                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes)
-    ema_params, model_params = list(ema.parameters()), list(model.parameters())
+                      t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes,
+                      prior=(dataset.n_instance, c.prior_weight) if c.class_prompt else None)
+    ema_params, model_params = trainable.ema_params, trainable.params
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read before any save
     progress = Progress(c.steps, initial=start_step, desc="train_unet", enabled=d.main and not quiet)
@@ -338,9 +399,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                                    floor=COSINE_FLOOR)
                 for group in opt.param_groups:
                     group["lr"] = lr
+                weight = cond.pop("loss_weight", 1.0)  # (b,) with prior preservation
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-                    loss = diffusion_loss(net, x0, schedule, c.prediction, min_snr_gamma=min_snr, t=t, noise=noise,
-                                          **cond).mean()
+                    loss = (weight * diffusion_loss(net, x0, schedule, c.prediction, min_snr_gamma=min_snr, t=t,
+                                                    noise=noise, **cond)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 grad_norm = torch.nn.utils.clip_grad_norm_(model_params, c.grad_clip if c.grad_clip > 0 else math.inf)
@@ -380,7 +442,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     progress.close()
     train_seconds = time.perf_counter() - t_start
 
-    digests = d.gather(weights_digest(model, ema))
+    digests = d.gather(weights_digest(trainable.module, trainable.ema_module))
     if len(set(digests)) > 1:
         raise InputError(f"the {d.world} processes ended with different weights: {digests}")
     if not d.main:
@@ -394,12 +456,13 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     if c.eval:
         from ldm.metrics import HEADLINE, evaluate_prompts
 
-        pipe.encoder = load_text_encoder(cache.keys["text"]["text_encoder"], device)
+        pipe.encoder = load_text_encoder(cache.keys["text"]["text_encoder"], device, text_options)
         scores = evaluate_prompts(pipe, n=c.eval, sampler=SAMPLER, steps=c.val_steps, cfg=c.val_cfg, seed=c.seed)
     enc_path = None if c.text_encoder is None else str(Path(c.text_encoder).resolve())  # None: the default
-    info = UNetFile(config=config, prediction=c.prediction, schedule=c.schedule,
+    info = UNetFile(config=config, prediction=c.prediction, schedule=schedule_spec,
                     num_timesteps=schedule.num_timesteps, latent_shape=latent_shape, resolution=resolution,
-                    text_encoder=TextEncoderSpec(path=enc_path, width=width) if c.text else None,
+                    text_encoder=(TextEncoderSpec(path=enc_path, width=width, **(text_options or {}))
+                                  if c.text else None),
                     vae=str(Path(c.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                     sampler=SAMPLER, sample_steps=c.val_steps, cfg_scale=c.val_cfg, val_prompts=val_prompts,
                     created_by=CREATED_BY,
@@ -407,8 +470,9 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                            "dataset": dataset.describe(), "cached_items": N, "steps": step, "batch_size": B,
                            "ema_decay": c.ema_decay, "eval": scores,
                            "training": {"world_size": d.world, "weights_sha256": digests,
-                                        "seconds": round(train_seconds, 1)}})
-    save_unet(out, ema, info)
+                                        "seconds": round(train_seconds, 1)},
+                           **({} if base is None else base.carried(c.init_from, trainable))})
+    trainable.export(out, ema, info)
     plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
     trained = step - start_step
     summary = (f"train_unet: {step} steps ({trained} in this process, {train_seconds:.0f} s, "

@@ -77,8 +77,13 @@ SPLITS = {"train": 0, "eval": 1}
 
 # Fraction of the bounding box each shape covers, and how far its centroid lies below the
 # box centre (in sides): what the reader needs to go from a coverage map to a box.
-_AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 1 - 4 * ((1 - CROSS_ARM) / 2) ** 2}
-_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0}
+# A shape the built-in data never draws, for teaching a trained model something new (ldm.data.stars): a
+# five-pointed star, outer radius half the side, the inner vertices at the pentagram's ratio.
+NEW_SHAPES = ("star",)
+STAR_INNER = (3 - math.sqrt(5)) / 2  # inner / outer radius of a regular pentagram, 0.382
+_AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 1 - 4 * ((1 - CROSS_ARM) / 2) ** 2,
+         "star": 5 * STAR_INNER * math.sin(math.pi / 5) / 4}  # ten triangles of sides R, r R, angle 36 degrees
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0, "star": 0.0}
 
 
 # ---------------------------------------------------------------- attributes and captions
@@ -145,6 +150,15 @@ def shape_coverage(shape: str, cx: float, cy: float, side: float, resolution: in
     elif shape == "cross":
         arm = side * CROSS_ARM / 2
         inside = ((np.abs(u) <= arm) & (np.abs(v) <= h)) | ((np.abs(v) <= arm) & (np.abs(u) <= h))
+    elif shape == "star":  # point up; even-odd rule over the ten edges
+        angles = -math.pi / 2 + np.arange(10) * math.pi / 5
+        radii = np.where(np.arange(10) % 2 == 0, h, h * STAR_INNER)
+        px, py = radii * np.cos(angles), radii * np.sin(angles)  # (10,) vertices
+        inside = np.zeros(np.broadcast_shapes(u.shape, v.shape), dtype=bool)
+        for i in range(10):
+            x1, y1, x2, y2 = px[i], py[i], px[(i + 1) % 10], py[(i + 1) % 10]
+            crosses = (y1 > v) != (y2 > v)
+            inside ^= crosses & (u < x1 + (v - y1) * (x2 - x1) / (y2 - y1 + 1e-30))
     else:
         raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
     n = resolution
@@ -288,7 +302,7 @@ _BLURS = (0.0, 0.6, 1.0)  # template blurs tried by the reader, in pixels at 32 
 _WINDOW = SIZE_FRACTION["large"] * (1 + JITTER_SCALE) / 2 + 0.06
 
 
-def read_attributes(image) -> dict:
+def read_attributes(image, shapes: tuple[str, ...] = SHAPES) -> dict:
     """Recover ``shape``, ``colour``, ``position``, ``size`` and ``background`` from a scene image.
 
     Accepts a PIL image, an (H, W, 3) array (uint8, or float in [0, 1]) or a (3, H, W) tensor in
@@ -320,7 +334,7 @@ def read_attributes(image) -> dict:
         cx, cy = float(a.sum(0) @ t) / mass, float(a.sum(1) @ t) / mass
     area = mass / (H * W)
     best, best_err, best_box = None, math.inf, None
-    for shape in SHAPES:
+    for shape in shapes:  # SHAPES + NEW_SHAPES: the reader that knows the star too
         for f in (0.9, 1.0, 1.1):
             side = f * math.sqrt(area / _AREA[shape])
             box = (cx, cy - _CENTROID_DROP[shape] * side, side)
