@@ -372,3 +372,61 @@ def save_validation(pipe, task: str, images: torch.Tensor, cache, steps: int, cf
         shown += [images, src, out]
     path.parent.mkdir(parents=True, exist_ok=True)
     image_grid(torch.cat(shown), nrow=V, scale=max(1, 64 // R)).save(path)
+
+
+# --------------------------------------------------------------------------------------- file inputs
+def read_image(path, what: str) -> torch.Tensor:
+    """An image file at its own size -> (3, H, W) float in [-1, 1]; InputError naming ``what``."""
+    from pathlib import Path
+
+    from PIL import Image, UnidentifiedImageError
+
+    from ldm.errors import InputError
+
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{what}: file not found: {p}")
+    try:
+        with Image.open(p) as img:
+            arr = np.asarray(img.convert("RGB")).copy()
+    except (OSError, UnidentifiedImageError, ValueError) as e:
+        raise InputError(f"{what}: {p} is not a readable image ({e})") from None
+    return torch.from_numpy(arr).permute(2, 0, 1).float().div(127.5).sub(1)  # (3, H, W)
+
+
+def task_inputs(task: str, image_path, mask_path, resolution: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``--init-image`` and ``--mask`` files -> (image (1, 3, H, W), mask (1, 1, H, W) or None) for
+    ``generate_task``: the image at the model's resolution (sr: the low-res image as it is), the mask
+    (white = draw) of the image's own size resized with it. InputError naming the flag."""
+    from ldm.errors import InputError
+
+    check_task(task)
+    if image_path is None:
+        raise InputError(f"--task {task} needs --init-image")
+    image = read_image(image_path, "--init-image")[None]  # (1, 3, H, W)
+    H, W = image.shape[-2:]
+    if task in MASKED_TASKS and mask_path is None:
+        raise InputError(f"--task {task} needs --mask (white where the model draws)")
+    if task not in MASKED_TASKS and mask_path is not None:
+        raise InputError(f"--mask: --task {task} takes no mask")
+    if H != W:
+        raise InputError(f"--init-image {image_path}: {W} x {H}, expected a square image")
+    mask = None
+    if mask_path is not None:
+        m = read_image(mask_path, "--mask")[None]  # (1, 3, h, w)
+        if m.shape[-2:] != image.shape[-2:]:
+            raise InputError(f"--mask {mask_path} is {m.shape[-1]} x {m.shape[-2]} but --init-image {image_path} "
+                             f"is {W} x {H}; the mask must have the image's size")
+        mask = (m.mean(1, keepdim=True) > 0).float()  # (1, 1, H, W): white (> mid-grey) = draw
+        if not mask.any():
+            raise InputError(f"--mask {mask_path} is black everywhere: nothing to draw")
+    if task == "sr":
+        if resolution % W or resolution // W < 2:
+            raise InputError(f"--init-image {image_path}: a {W} x {H} low-res image does not divide the model's "
+                             f"{resolution} x {resolution} by an integer factor >= 2")
+        return image, None
+    if W != resolution:
+        image = F.interpolate(image, size=(resolution, resolution), mode="bicubic", align_corners=False).clamp(-1, 1)
+        if mask is not None:
+            mask = F.interpolate(mask, size=(resolution, resolution), mode="nearest")
+    return image, mask

@@ -7,6 +7,9 @@
     python -m ldm.sample --unet runs/digits-unet --class 7 --n 8    # a class-conditional UNet (the digits)
     python -m ldm.sample --unet DIR --prompt "..."                  # DIR from python -m ldm.convert from-diffusers
     python -m ldm.sample --from-diffusers PATH --prompt "..."       # a Stable Diffusion 1.x folder
+    python -m ldm.sample --unet runs/inpaint --task inpaint --init-image I.png --mask M.png --prompt "..."
+    python -m ldm.sample --unet runs/palette --task sr --init-image LOW.png --prompt "..."   # 8 or 16 px in
+    python -m ldm.sample --from-diffusers SD-INPAINT --task inpaint --init-image I.png --mask M.png --prompt "..."
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
 given) and ``--n`` images a row; ``--images DIR`` also writes each image.
@@ -26,6 +29,7 @@ from pathlib import Path
 from ldm.data.folder import read_text_utf8
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
+from ldm.image2image import SAMPLE_AUG_LEVEL, TASKS, task_inputs
 from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_image
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
@@ -103,6 +107,15 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--strength", type=float, default=None,
                       help=f"with --init-image: how much to change it, in (0, 1]; 1 ignores it "
                            f"(default {DEFAULT_STRENGTH})")
+    what.add_argument("--task", choices=TASKS, default=None,
+                      help="image-conditioned (a model from train_unet --task, or SD inpainting): inpaint or "
+                           "outpaint --init-image where --mask is white, colorize --init-image, sr (upscale the "
+                           "low-res --init-image to the model's size)")
+    what.add_argument("--mask", default=None, metavar="PATH", help="with --task inpaint/outpaint: white = draw, "
+                                                                    "the size of --init-image")
+    what.add_argument("--noise-level", type=int, default=SAMPLE_AUG_LEVEL,
+                      help=f"with --task sr: the noise-augmentation level of the low-res input, a timestep "
+                           f"(default {SAMPLE_AUG_LEVEL})")
     how = p.add_argument_group("sampler")
     how.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                      help="default: unet.json's (unipc, UniPC of order 3, when it names none)")
@@ -131,6 +144,10 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError("--strength needs --init-image")
         if not 0.0 < args.strength <= 1.0:
             raise InputError(f"--strength must lie in (0, 1], got {args.strength}")
+    if args.task is None and args.mask is not None:
+        raise InputError("--mask needs --task inpaint or outpaint")
+    if args.task is not None and args.strength is not None:
+        raise InputError(f"--strength is for image-to-image without --task; --task {args.task} redraws as trained")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise InputError(f"--init-image: file not found: {args.init_image}")
     if args.cfg is not None and args.cfg < 0:
@@ -144,18 +161,31 @@ def run(args: argparse.Namespace) -> int:
         pipe = Pipeline.from_pretrained(args.from_diffusers, text_encoder=args.text_encoder, device=device)
     else:
         pipe = Pipeline.from_pretrained(args.unet, vae=args.vae, text_encoder=args.text_encoder, device=device)
-    prompts = read_prompts(args, pipe)
+    if args.task and pipe.conditional and not (args.prompt or args.prompts_file):
+        prompts = [""]  # no prompt: the conditioning image alone (the empty prompt the model was trained with)
+    else:
+        prompts = read_prompts(args, pipe)
+    if args.task and prompts and len(prompts) > 1:
+        raise InputError(f"--task {args.task} draws from one --init-image with one prompt, got {len(prompts)}")
     classes = read_classes(args, pipe)
     sampler = args.sampler or pipe.defaults.sampler
     steps = args.steps or pipe.defaults.steps
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
     init, strength = None, 1.0
-    if args.init_image is not None:
+    if args.task is not None:
+        images, masks = task_inputs(args.task, args.init_image, args.mask, pipe.resolution)
+        if classes is not None:
+            raise InputError("--task: class-conditional UNets take no conditioning image")
+        images = pipe.image2image(args.task, images, masks, prompts, n=args.n, steps=steps,
+                                  sampler=sampler, cfg=cfg, seed=args.seed, noise_level=args.noise_level,
+                                  batch_size=args.batch_size)
+    elif args.init_image is not None:
         init = load_image(args.init_image, pipe.resolution, what="--init-image")
         strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
-    images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg, seed=args.seed,
-                      batch_size=args.batch_size, spacing=args.spacing, init_image=init, strength=strength,
-                      progress=args.progress)
+    if args.task is None:
+        images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg,
+                          seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, init_image=init,
+                          strength=strength, progress=args.progress)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.n, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)
