@@ -324,3 +324,81 @@ def test_downsample_is_what_the_renderer_draws_at_the_lower_size(seed):
     diff = (F.avg_pool2d(hi, 4) - lo).abs()
     assert diff.max() <= 8.0
     assert (F.interpolate(hi, size=8, mode="nearest") - lo).abs().max() > diff.max()  # not any subsampling
+
+
+# ------------------------------------------------------------------------------------ RePaint and the eval
+def test_ancestral_split_is_ddpm_posterior_noise(seed):
+    """DDPM's posterior std between two levels, in the samplers' coordinates, is sigma_up; the rest moves
+    deterministically: down^2 + up^2 = sigma_next^2."""
+    from ldm.repaint import ancestral_split
+
+    schedule = NoiseSchedule.from_name("linear")
+    for t, t_next in ((999, 949), (500, 480), (40, 20)):
+        s, s_next = schedule.sigmas[t].item(), schedule.sigmas[t_next].item()
+        down, up = ancestral_split(s, s_next)
+        abar, abar_next = schedule.alphas_cumprod[t], schedule.alphas_cumprod[t_next]
+        beta = 1 - abar / abar_next  # the compound beta of the jump
+        posterior_var = beta * (1 - abar_next) / (1 - abar)  # Ho et al. 2020, eq. 7, in x_t coordinates
+        assert abs(up**2 * abar_next - posterior_var) < 1e-9 * max(posterior_var, 1e-12) + 1e-12
+        assert abs(down**2 + up**2 - s_next**2) < 1e-9 * s_next**2
+
+
+def test_repaint_keeps_the_known_region_and_follows_the_model(seed):
+    """With a denoiser that always answers ``target``, the drawn region ends as the target and the kept
+    region as the known latents, whatever the resampling."""
+    from ldm.repaint import repaint_latents
+
+    g = torch.Generator().manual_seed(seed)
+    known, target = torch.randn(2, 4, 6, 6, generator=g), torch.randn(2, 4, 6, 6, generator=g)
+    mask = (torch.rand(2, 1, 6, 6, generator=g) > 0.5).float()
+    sigmas = torch.tensor([10.0, 3.0, 1.0, 0.3, 0.0])
+    seen = []
+
+    def denoiser(x, sigma):
+        seen.append(((1 - mask) * (x - known)).std().item() / sigma[0].item())  # kept region: known + sigma eps
+        return target
+
+    for resample in (1, 3):
+        seen.clear()
+        out = repaint_latents(denoiser, known, mask, torch.randn(2, 4, 6, 6, generator=g), sigmas, {}, g, resample)
+        assert torch.equal(out, mask * target + (1 - mask) * known)
+        assert len(seen) == 3 * resample + 1  # the last step (to sigma 0) runs once
+        assert all(0.3 < r < 2.0 for r in seen)  # the kept region was noised to each step's level
+
+
+def test_eval_image2image_reports_every_task(palette, assets, tmp_path):
+    import ldm.eval_image2image as eval_cmd
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = eval_cmd.main(["--unet", str(palette), "--n", "4", "--steps", "2", "--json", str(tmp_path / "r.json"),
+                            "--strip", str(tmp_path / "s.png")] + [f"--task={t}" for t in i2i.TASKS])
+    assert rc == 0, out.getvalue()
+    reports = {r["task"]: r for r in json.loads((tmp_path / "r.json").read_text())["reports"]}
+    assert set(reports) == set(i2i.TASKS)
+    for t in i2i.MASKED_TASKS:
+        assert reports[t]["kept_max_abs_diff"] == 0 and "kept_psnr_raw" in reports[t]
+    sr = reports["sr"]
+    assert sr["factor"] == 4 and 0 < sr["bicubic_psnr"] < 60 and -1 <= sr["ssim"] <= 1
+    for t in i2i.TASKS:
+        assert 0 <= reports[t]["read"]["shape+colour+position"] <= 1
+        assert Image.open(tmp_path / f"s-{t}.png").size[1] > 4 * RESOLUTION
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = eval_cmd.main(["--unet", str(assets["unet"]), "--task", "inpaint", "--repaint", "--n", "2",
+                            "--steps", "3", "--json", str(tmp_path / "rp.json")])
+    assert rc == 0
+    rp = json.loads((tmp_path / "rp.json").read_text())["reports"][0]
+    assert rp["method"] == "repaint" and rp["kept_max_abs_diff"] == 0
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--task", "sr", "--repaint"], "the RePaint baseline inpaints and outpaints"),
+    (["--task", "inpaint", "--resample", "3"], "--resample is a --repaint setting"),
+    (["--task", "colorize"], "takes no conditioning image"),
+])
+def test_eval_image2image_errors(argv, message, assets, capsys):
+    import ldm.eval_image2image as eval_cmd
+
+    assert eval_cmd.main(["--unet", str(assets["unet"]), "--n", "2", "--steps", "2", *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1, err
