@@ -430,3 +430,28 @@ def task_inputs(task: str, image_path, mask_path, resolution: int) -> tuple[torc
         if mask is not None:
             mask = F.interpolate(mask, size=(resolution, resolution), mode="nearest")
     return image, mask
+
+
+@torch.no_grad()
+def generate_cascade(base, upscalers: list, prompts: list[str] | None, *, n: int = 1, seed: int = 0,
+                     noise_level: int = SAMPLE_AUG_LEVEL, batch_size: int = 16, base_kwargs: dict | None = None,
+                     up_kwargs: dict | None = None) -> list[torch.Tensor]:
+    """Cascaded diffusion (Ho et al. 2021): ``base`` (a text-to-image ``ldm.Pipeline``) draws ``n`` images a
+    prompt, each of ``upscalers`` (sr or palette Pipelines, each at an integer multiple >= 2 of the previous
+    resolution) refines the last stage's images from their noise-augmented upsampling, with the same prompt.
+    -> the images of every stage, [(P * n, 3, R0, R0), (P * n, 3, R1, R1), ...], prompt-major."""
+    from ldm.pipeline import generate
+
+    res = base.resolution
+    for k, up in enumerate(upscalers):
+        check_serves(model_task(up.unet, up.meta), "sr", str(up.meta.get("source", f"upscaler {k + 1}")))
+        if up.resolution % res or up.resolution // res < 2:
+            raise ValueError(f"upscaler {k + 1} ({up.meta.get('source')}) draws {up.resolution} px, not an integer "
+                             f"multiple >= 2 of the previous stage's {res} px")
+        res = up.resolution
+    stages = [generate(base, prompts, n=n, seed=seed, batch_size=batch_size, **(base_kwargs or {}))]
+    rows = [p for p in prompts for _ in range(n)] if prompts else None
+    for up in upscalers:
+        stages.append(generate_task(up, "sr", stages[-1], None, rows if up.conditional else None, n=1, seed=seed,
+                                    noise_level=noise_level, batch_size=batch_size, **(up_kwargs or {})))
+    return stages

@@ -9,6 +9,7 @@
     python -m ldm.sample --from-diffusers PATH --prompt "..."       # a Stable Diffusion 1.x folder
     python -m ldm.sample --unet runs/inpaint --task inpaint --init-image I.png --mask M.png --prompt "..."
     python -m ldm.sample --unet runs/palette --task sr --init-image LOW.png --prompt "..."   # 8 or 16 px in
+    python -m ldm.sample --prompt "..." --upscaler runs/sr64 [--upscaler runs/sr128]   # a cascade
     python -m ldm.sample --from-diffusers SD-INPAINT --task inpaint --init-image I.png --mask M.png --prompt "..."
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
@@ -29,7 +30,7 @@ from pathlib import Path
 from ldm.data.folder import read_text_utf8
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
-from ldm.image2image import SAMPLE_AUG_LEVEL, TASKS, task_inputs
+from ldm.image2image import SAMPLE_AUG_LEVEL, TASKS, generate_cascade, task_inputs
 from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_image
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
@@ -114,8 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mask", default=None, metavar="PATH", help="with --task inpaint/outpaint: white = draw, "
                                                                     "the size of --init-image")
     what.add_argument("--noise-level", type=int, default=SAMPLE_AUG_LEVEL,
-                      help=f"with --task sr: the noise-augmentation level of the low-res input, a timestep "
+                      help=f"with --task sr or --upscaler: the noise-augmentation level of the low-res input, a timestep "
                            f"(default {SAMPLE_AUG_LEVEL})")
+    what.add_argument("--upscaler", action="append", default=None, metavar="DIR",
+                      help="a cascade: refine the --unet's images with this sr (or palette) model, at a multiple of "
+                           "their resolution (repeat for more stages)")
     how = p.add_argument_group("sampler")
     how.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                      help="default: unet.json's (unipc, UniPC of order 3, when it names none)")
@@ -144,6 +148,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError("--strength needs --init-image")
         if not 0.0 < args.strength <= 1.0:
             raise InputError(f"--strength must lie in (0, 1], got {args.strength}")
+    if args.upscaler and (args.task or args.init_image):
+        raise InputError("--upscaler refines text-to-image samples; it takes no --task or --init-image")
     if args.task is None and args.mask is not None:
         raise InputError("--mask needs --task inpaint or outpaint")
     if args.task is not None and args.strength is not None:
@@ -182,7 +188,17 @@ def run(args: argparse.Namespace) -> int:
     elif args.init_image is not None:
         init = load_image(args.init_image, pipe.resolution, what="--init-image")
         strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
-    if args.task is None:
+    if args.upscaler:
+        ups = [Pipeline.from_pretrained(u, device=device) for u in args.upscaler]
+        try:
+            stages = generate_cascade(pipe, ups, prompts, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                                      noise_level=args.noise_level,
+                                      base_kwargs=dict(steps=steps, sampler=sampler, cfg=cfg, spacing=args.spacing))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        images = stages[-1]
+        print("sample: cascade " + " -> ".join(f"{s.shape[-1]} px" for s in stages), file=sys.stderr)
+    elif args.task is None:
         images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg,
                           seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, init_image=init,
                           strength=strength, progress=args.progress)

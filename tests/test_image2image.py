@@ -402,3 +402,43 @@ def test_eval_image2image_errors(argv, message, assets, capsys):
     assert eval_cmd.main(["--unet", str(assets["unet"]), "--n", "2", "--steps", "2", *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and err.count("\n") == 1, err
+
+
+@pytest.fixture(scope="module")
+def upscaler(assets, tmp_path_factory):
+    """An sr model at twice the shared models' resolution: the shared VAE (convolutional, it encodes any
+    size) recorded at 2 x RESOLUTION, and 4 steps of train_unet --task sr on it."""
+    import shutil
+
+    root = tmp_path_factory.mktemp("up")
+    vae = root / "vae"
+    shutil.copytree(assets["vae"], vae)
+    meta = json.loads((vae / "vae.json").read_text())
+    meta["resolution"] = 2 * RESOLUTION
+    meta["latent_shape"] = [meta["latent_shape"][0], *(2 * s for s in meta["latent_shape"][1:])]
+    (vae / "vae.json").write_text(json.dumps(meta))
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = train_unet.main(["--out", str(root / "sr"), "--text", "--text-encoder", str(assets["encoder"]),
+                              "--task", "sr"] + train_flags(vae, 4, SESSION_SEED % 1000))
+    assert rc == 0, err.getvalue()
+    return root / "sr"
+
+
+def test_cascade_refines_the_base_images(assets, upscaler, tmp_path, seed):
+    base, up = Pipeline.from_pretrained(assets["unet"]), Pipeline.from_pretrained(upscaler)
+    stages = i2i.generate_cascade(base, [up], ["a red circle", "a blue square"], n=2, seed=seed,
+                                  base_kwargs={"steps": 2}, up_kwargs={"steps": 2})
+    assert [s.shape for s in stages] == [(4, 3, RESOLUTION, RESOLUTION), (4, 3, 2 * RESOLUTION, 2 * RESOLUTION)]
+    # the second stage is the sr model run on the first stage's images, row for row
+    direct = up.image2image("sr", stages[0], None, ["a red circle"] * 2 + ["a blue square"] * 2, seed=seed, steps=2)
+    assert torch.allclose(stages[1], direct, atol=1e-5)
+    rc, err = _run(["--unet", str(assets["unet"]), "--upscaler", str(upscaler), "--prompt", "a red circle", "--n", "2",
+                    "--steps", "2", "--out", str(tmp_path / "g.png"), "--images", str(tmp_path / "each")])
+    assert rc == 0 and f"{RESOLUTION} px -> {2 * RESOLUTION} px" in err, err
+    assert Image.open(next((tmp_path / "each").glob("*.png"))).size == (2 * RESOLUTION, 2 * RESOLUTION)
+    rc, err = _run(["--unet", str(assets["unet"]), "--upscaler", str(assets["unet"]), "--prompt", "a", "--steps", "2"])
+    assert rc == 2 and "takes no conditioning image" in err
+    rc, err = _run(["--unet", str(assets["unet"]), "--upscaler", str(upscaler), "--upscaler", str(upscaler),
+                    "--prompt", "a", "--steps", "2"])
+    assert rc == 2 and "not an integer multiple >= 2 of the previous stage's" in err
