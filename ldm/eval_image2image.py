@@ -5,12 +5,15 @@
     python -m ldm.eval_image2image --unet runs/palette --task sr --factor 2 --strip sr.png
     python -m ldm.eval_image2image --unet runs/unet --task inpaint --repaint     # RePaint with a plain text model
     python -m ldm.eval_image2image --unet runs/inpaint --task inpaint --json scores.json --n 500
+    python -m ldm.eval_image2image --unet runs/unet --upscaler runs/sr64     # a cascade, read at every stage
 
 The held-out scenes of the built-in shapes (``ldm.i2i_eval``): inpaint masks the shape's box and reads the
 shape, colour and position drawn in it; outpaint masks a half; colorize reads the colour back from the
 greyscale image's output; sr gives PSNR and SSIM against the true render beside bicubic. Masked tasks also
 report the largest change of a kept pixel after compositing (0: identical) and the kept pixels' PSNR in
 the raw output. ``--repaint`` scores a plain text model with RePaint (``ldm.repaint``) as the baseline.
+``--upscaler DIR`` (repeatable) scores a cascade instead: the text model's images of the held-out prompts
+of ``ldm.eval_text`` and each upscaler's, the attributes read at every resolution.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from pathlib import Path
 
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
-from ldm.i2i_eval import evaluate_task, strip
+from ldm.i2i_eval import cascade_strip, evaluate_cascade, evaluate_task, strip
 from ldm.image2image import SAMPLE_AUG_LEVEL, SR_FACTORS, TASKS
 from ldm.metrics import HEADLINE
 from ldm.pipeline import Pipeline
@@ -36,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("--unet", default="runs/inpaint", metavar="DIR", help="train_unet --task's folder "
                    "(or convert's; with --repaint a plain text model's) (default runs/inpaint)")
-    p.add_argument("--task", action="append", choices=TASKS, required=True, help="the task to score (repeatable)")
+    p.add_argument("--task", action="append", choices=TASKS, default=[], help="the task to score (repeatable)")
+    p.add_argument("--upscaler", action="append", default=[], metavar="DIR",
+                   help="score a cascade: --unet's text-to-image samples refined by these sr models")
     p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes per task (default {DEFAULT_N})")
     p.add_argument("--factor", type=int, choices=SR_FACTORS, default=SR_FACTORS[-1],
                    help=f"sr: the low-res image is 1/factor of the side (default {SR_FACTORS[-1]})")
@@ -62,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
         value = getattr(args, flag)
         if value is not None and value <= 0:
             raise InputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    if bool(args.task) == bool(args.upscaler):
+        raise InputError("give --task TASK (one or more) or --upscaler DIR (a cascade), not both or neither")
     if args.resample is not None and not args.repaint:
         raise InputError("--resample is a --repaint setting")
     if args.threads:
@@ -70,6 +77,8 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     pipe = Pipeline.from_pretrained(args.unet, device=resolve_device(args.device))
     reports = []
+    if args.upscaler:
+        reports.append(run_cascade(args, pipe))
     for task in args.task:
         try:
             r = evaluate_task(pipe, task, args.n, factor=args.factor, steps=args.steps, sampler=args.sampler,
@@ -100,6 +109,23 @@ def run(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"unet": str(args.unet), "reports": reports}, indent=2) + "\n")
     return 0
+
+
+def run_cascade(args: argparse.Namespace, pipe: Pipeline) -> dict:
+    ups = [Pipeline.from_pretrained(u, device=pipe.device) for u in args.upscaler]
+    try:
+        r = evaluate_cascade(pipe, ups, args.n, seed=args.seed, batch_size=args.batch_size,
+                             noise_level=args.noise_level, steps=args.steps, cfg=args.cfg)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+    if args.strip:
+        Path(args.strip).parent.mkdir(parents=True, exist_ok=True)
+        cascade_strip(r).save(args.strip)
+    r.pop("images")
+    r.pop("prompts")
+    print("cascade: " + ", ".join(f"{s['resolution']} px {HEADLINE} {100 * s['read'][HEADLINE]:.1f}%"
+                                  for s in r["stages"]) + f"; {r['n']} held-out prompts, {r['seconds']:.0f} s", flush=True)
+    return r
 
 
 def main(argv: list[str] | None = None) -> int:

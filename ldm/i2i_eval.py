@@ -150,3 +150,50 @@ def strip(report: dict, rows: int = 6, scale: int = 3):
             lines[-1] = f"{lines[-1]} {w}".strip()
         draw.text((len(cols) * (tile + pad) + pad, head + pad + r * (tile + pad) + 4), "\n".join(lines), fill="black")
     return canvas
+
+
+@torch.no_grad()
+def evaluate_cascade(base, upscalers: list, n: int = 200, *, seed: int = 0, batch_size: int = 50,
+                     noise_level: int = i2i.SAMPLE_AUG_LEVEL, steps: int | None = None, cfg: float | None = None) -> dict:
+    """The cascade on the first ``n`` held-out prompts (``eval_prompts``, as ``ldm.eval_text``): the base
+    model's images and every upscaler's, each read back at its own resolution. -> {"stages": [{"resolution",
+    "read"}...], "images": [stage tensors], "prompts"}."""
+    from ldm.data.shapes import eval_prompts
+    from ldm.metrics import PROMPT_SEED
+
+    pairs = eval_prompts(n, PROMPT_SEED)
+    prompts, attrs = [p for _, p in pairs], [a for a, _ in pairs]
+    how = {k: v for k, v in (("steps", steps), ("cfg", cfg)) if v is not None}
+    t0 = time.perf_counter()
+    stages = i2i.generate_cascade(base, upscalers, prompts, seed=seed, noise_level=noise_level, batch_size=batch_size,
+                                  base_kwargs={"steps": how.get("steps", base.defaults.steps),
+                                               "cfg": how.get("cfg", base.defaults.cfg)}, up_kwargs=how)
+    seconds = time.perf_counter() - t0
+    reads = [{"resolution": s.shape[-1], "read": _shares(score(s, attrs)[0])} for s in stages]
+    return {"task": "cascade", "n": n, "seed": seed, "noise_level": noise_level, "seconds": round(seconds, 1),
+            "stages": reads, "images": stages, "prompts": prompts}
+
+
+def cascade_strip(report: dict, rows: int = 6, scale_to: int = 96):
+    """A labelled picture of a cascade: a column per stage (shown at one size), the prompt beside each row."""
+    from PIL import Image, ImageDraw
+
+    from ldm.runlog import to_uint8_images
+
+    stages = report["images"]
+    rows = min(rows, stages[0].shape[0])
+    pad, head, text_w = 4, 14, 330
+    canvas = Image.new("RGB", (len(stages) * (scale_to + pad) + pad + text_w, head + rows * (scale_to + pad) + pad),
+                       "white")
+    draw = ImageDraw.Draw(canvas)
+    for c, s in enumerate(stages):
+        draw.text((pad + c * (scale_to + pad), 1), f"{s.shape[-1]} px", fill="black")
+        for r, a in enumerate(to_uint8_images(s[:rows])):
+            img = Image.fromarray(a.numpy()).resize((scale_to, scale_to), Image.NEAREST)
+            canvas.paste(img, (pad + c * (scale_to + pad), head + pad + r * (scale_to + pad)))
+    x = len(stages) * (scale_to + pad) + pad
+    draw.text((x, 1), "cascade", fill="black")
+    for r, p in enumerate(report["prompts"][:rows]):
+        draw.text((x, head + pad + r * (scale_to + pad) + 4), p if len(p) < WRAP else p[:WRAP] + "\n" + p[WRAP:],
+                  fill="black")
+    return canvas

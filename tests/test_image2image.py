@@ -442,3 +442,20 @@ def test_cascade_refines_the_base_images(assets, upscaler, tmp_path, seed):
     rc, err = _run(["--unet", str(assets["unet"]), "--upscaler", str(upscaler), "--upscaler", str(upscaler),
                     "--prompt", "a", "--steps", "2"])
     assert rc == 2 and "not an integer multiple >= 2 of the previous stage's" in err
+
+
+def test_eval_image2image_scores_a_cascade(assets, upscaler, tmp_path):
+    import ldm.eval_image2image as eval_cmd
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+        rc = eval_cmd.main(["--unet", str(assets["unet"]), "--upscaler", str(upscaler), "--n", "3", "--steps", "2",
+                            "--json", str(tmp_path / "c.json"), "--strip", str(tmp_path / "c.png")])
+    assert rc == 0, out.getvalue()
+    stages = json.loads((tmp_path / "c.json").read_text())["reports"][0]["stages"]
+    assert [s["resolution"] for s in stages] == [RESOLUTION, 2 * RESOLUTION]
+    assert all(0 <= s["read"]["shape+colour+position"] <= 1 for s in stages)
+    assert Image.open(tmp_path / "c.png").size[1] > 3 * 96
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        assert eval_cmd.main(["--unet", str(assets["unet"]), "--n", "2"]) == 2
+    assert "give --task TASK" in err.getvalue()
