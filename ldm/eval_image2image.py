@@ -96,12 +96,15 @@ def run(args: argparse.Namespace) -> int:
         reports.append(r)
         read = r["read"]
         line = (f"{task}{' (RePaint)' if args.repaint else ''}: {HEADLINE} {100 * read[HEADLINE]:.1f}%, shape "
-                f"{100 * read['shape']:.1f}%, colour {100 * read['colour']:.1f}%, position {100 * read['position']:.1f}%, "
+                f"{100 * read['shape']:.1f}%, colour {100 * read['colour']:.1f}%, "
+                f"position {100 * read['position']:.1f}%, "
                 f"background {100 * read['background']:.1f}%")
         if "kept_max_abs_diff" in r:
-            line += f"; kept pixels: max change {r['kept_max_abs_diff']:.3g} composited, {r['kept_psnr_raw']:.1f} dB raw"
+            line += (f"; kept pixels: max change {r['kept_max_abs_diff']:.3g} composited, "
+                     f"{r['kept_psnr_raw']:.1f} dB raw")
         if task == "sr":
-            line += (f"; x{r['factor']}: PSNR {r['psnr']:.2f} dB (bicubic {r['bicubic_psnr']:.2f}), SSIM {r['ssim']:.4f} "
+            line += (f"; x{r['factor']}: PSNR {r['psnr']:.2f} dB (bicubic {r['bicubic_psnr']:.2f}), "
+                     f"SSIM {r['ssim']:.4f} "
                      f"(bicubic {r['bicubic_ssim']:.4f}); bicubic read {100 * r['bicubic_read'][HEADLINE]:.1f}%")
         print(f"{line}; {r['n']} held-out scenes, {r['seconds']:.0f} s", flush=True)
     if args.json:
@@ -123,8 +126,8 @@ def run_cascade(args: argparse.Namespace, pipe: Pipeline) -> dict:
         cascade_strip(r).save(args.strip)
     r.pop("images")
     r.pop("prompts")
-    print("cascade: " + ", ".join(f"{s['resolution']} px {HEADLINE} {100 * s['read'][HEADLINE]:.1f}%"
-                                  for s in r["stages"]) + f"; {r['n']} held-out prompts, {r['seconds']:.0f} s", flush=True)
+    stages = ", ".join(f"{s['resolution']} px {HEADLINE} {100 * s['read'][HEADLINE]:.1f}%" for s in r["stages"])
+    print(f"cascade: {stages}; {r['n']} held-out prompts, {r['seconds']:.0f} s", flush=True)
     return r
 
 

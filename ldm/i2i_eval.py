@@ -36,7 +36,8 @@ def held_out(n: int, resolution: int) -> tuple[torch.Tensor, list[dict], list[st
     """The first ``n`` held-out scenes: images (n, 3, R, R) in [-1, 1], attributes, captions."""
     ds = ShapesDataset(resolution, length=max(n, 1), seed=DATA_SEED, split="eval")
     items = [ds[i] for i in range(n)]
-    return torch.stack([it["image"] for it in items]), [ds.attributes(i) for i in range(n)], [it["text"] for it in items]
+    images = torch.stack([it["image"] for it in items])  # (n, 3, R, R)
+    return images, [ds.attributes(i) for i in range(n)], [it["text"] for it in items]
 
 
 def task_inputs(task: str, images: torch.Tensor, attrs: list[dict], factor: int):
@@ -93,7 +94,8 @@ def evaluate_task(pipe, task: str, n: int = 200, *, factor: int = i2i.SR_FACTORS
         kept = (out - images).abs().mul(keep).amax().item()
         # PSNR over the kept pixels only: the mean squared error there, per image
         mse = ((raw - images) / 2).pow(2).mul(keep).sum((1, 2, 3)) / (3 * keep.sum((1, 2, 3))).clamp_min(1)
-        report.update(kept_max_abs_diff=kept, kept_psnr_raw=round(float((-10 * mse.clamp_min(1e-10).log10()).mean()), 2))
+        kept_psnr = (-10 * mse.clamp_min(1e-10).log10()).mean()
+        report.update(kept_max_abs_diff=kept, kept_psnr_raw=round(float(kept_psnr), 2))
     if task == "sr":
         bicubic = i2i.upsample(inputs, R)
         b_shares, _ = score(bicubic, attrs)
@@ -108,6 +110,16 @@ def evaluate_task(pipe, task: str, n: int = 200, *, factor: int = i2i.SR_FACTORS
                         if any(s[a] != want[a] for a in ("shape", "colour", "position"))][:5]
     report.update(images=images, inputs=inputs, masks=masks, outputs=out, prompts=prompts)
     return report
+
+
+def wrap(text: str, width: int = WRAP) -> str:
+    """``text`` broken into lines of about ``width`` characters at spaces."""
+    lines = [""]
+    for w in text.split():
+        if lines[-1] and len(lines[-1]) + len(w) >= width:
+            lines.append("")
+        lines[-1] = f"{lines[-1]} {w}".strip()
+    return "\n".join(lines)
 
 
 def strip(report: dict, rows: int = 6, scale: int = 3):
@@ -143,18 +155,14 @@ def strip(report: dict, rows: int = 6, scale: int = 3):
             img = Image.fromarray(a.numpy()).resize((tile, tile), Image.NEAREST)
             canvas.paste(img, (pad + c * (tile + pad), head + pad + r * (tile + pad)))
     for r, p in enumerate((report["prompts"] or [""] * rows)[:rows]):
-        words, lines = p.split(), [""]
-        for w in words:  # wrap at ~52 characters
-            if lines[-1] and len(lines[-1]) + len(w) >= WRAP:
-                lines.append("")
-            lines[-1] = f"{lines[-1]} {w}".strip()
-        draw.text((len(cols) * (tile + pad) + pad, head + pad + r * (tile + pad) + 4), "\n".join(lines), fill="black")
+        draw.text((len(cols) * (tile + pad) + pad, head + pad + r * (tile + pad) + 4), wrap(p), fill="black")
     return canvas
 
 
 @torch.no_grad()
 def evaluate_cascade(base, upscalers: list, n: int = 200, *, seed: int = 0, batch_size: int = 50,
-                     noise_level: int = i2i.SAMPLE_AUG_LEVEL, steps: int | None = None, cfg: float | None = None) -> dict:
+                     noise_level: int = i2i.SAMPLE_AUG_LEVEL, steps: int | None = None,
+                     cfg: float | None = None) -> dict:
     """The cascade on the first ``n`` held-out prompts (``eval_prompts``, as ``ldm.eval_text``): the base
     model's images and every upscaler's, each read back at its own resolution. -> {"stages": [{"resolution",
     "read"}...], "images": [stage tensors], "prompts"}."""
@@ -194,6 +202,5 @@ def cascade_strip(report: dict, rows: int = 6, scale_to: int = 96):
     x = len(stages) * (scale_to + pad) + pad
     draw.text((x, 1), "cascade", fill="black")
     for r, p in enumerate(report["prompts"][:rows]):
-        draw.text((x, head + pad + r * (scale_to + pad) + 4), p if len(p) < WRAP else p[:WRAP] + "\n" + p[WRAP:],
-                  fill="black")
+        draw.text((x, head + pad + r * (scale_to + pad) + 4), wrap(p), fill="black")
     return canvas

@@ -115,8 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--mask", default=None, metavar="PATH", help="with --task inpaint/outpaint: white = draw, "
                                                                     "the size of --init-image")
     what.add_argument("--noise-level", type=int, default=SAMPLE_AUG_LEVEL,
-                      help=f"with --task sr or --upscaler: the noise-augmentation level of the low-res input, a timestep "
-                           f"(default {SAMPLE_AUG_LEVEL})")
+                      help=f"with --task sr or --upscaler: the noise-augmentation level of the low-res input, a "
+                           f"timestep (default {SAMPLE_AUG_LEVEL})")
     what.add_argument("--upscaler", action="append", default=None, metavar="DIR",
                       help="a cascade: refine the --unet's images with this sr (or palette) model, at a multiple of "
                            "their resolution (repeat for more stages)")

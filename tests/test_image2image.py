@@ -320,8 +320,9 @@ def test_downsample_is_what_the_renderer_draws_at_the_lower_size(seed):
     hi = torch.from_numpy(render(attrs, 32)).permute(2, 0, 1)[None].float()
     lo = torch.from_numpy(render(attrs, 8)).permute(2, 0, 1)[None].float()
     # the renderer estimates coverage from 8 x 8 samples a pixel, so the 8-px render's edge pixels err by a few
-    # levels (up to 26 of 255 at a triangle's tip over the 1000 seeds this test draws from) where the 32-px one, at 16x the samples, is near
-    # exact: compared on the mean (<= 1.7 levels over those seeds), against nearest subsampling (>= 2.4x that)
+    # levels (up to 26 of 255 at a triangle's tip over the 1000 seeds this test draws from) where the 32-px one,
+    # at 16x the samples, is near exact: compared on the mean (<= 1.7 levels over those seeds), against nearest
+    # subsampling (>= 2.4x that)
     diff = (F.avg_pool2d(hi, 4) - lo).abs().mean()
     assert diff <= 2.5
     assert (F.interpolate(hi, size=8, mode="nearest") - lo).abs().mean() > 2 * diff  # not any subsampling
