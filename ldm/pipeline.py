@@ -182,6 +182,26 @@ class Pipeline:
         return [Image.fromarray(a.numpy()) for a in to_uint8_images(images)]
 
 
+    @property
+    def task(self) -> str | None:
+        """The image-conditioned task the UNet was trained for (``ldm.image2image``), None for text-to-image."""
+        from ldm.image2image import model_task
+
+        return model_task(self.unet, self.meta)
+
+    def image2image(self, task: str, images: torch.Tensor, masks: torch.Tensor | None = None,
+                    prompts: str | list[str] | None = None, **kwargs) -> torch.Tensor:
+        """``task`` (inpaint, outpaint, colorize, sr) on images (P, 3, H, W) in [-1, 1] (sr: the low-res
+        ones) with masks (P, 1, H, W), 1 = draw: ``ldm.image2image.generate_task``, (P * n, 3, R, R)."""
+        from ldm.image2image import generate_task
+
+        prompts = [prompts] if isinstance(prompts, str) else prompts
+        try:
+            return generate_task(self, task, images, masks, prompts, **kwargs)
+        except ValueError as e:
+            raise InputError(str(e)) from None
+
+
 # --------------------------------------------------------------------------------------------- loading
 def load_encoder(path: str | Path | None, device, width: int | None, what: str, **options):
     """The text encoder at ``path`` (None: the packaged MiniLM); ``width`` must match the UNet's

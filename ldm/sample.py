@@ -11,6 +11,10 @@
     python -m ldm.sample --clip runs/clip-noisy --clip-guidance 10 --prompt "..."   # on top of the text UNet's CFG
     python -m ldm.sample --from-diffusers PATH --lora runs/lora/lora.safetensors:0.8 --prompt "..."  # + a LoRA
     python -m ldm.sample --unet runs/unet --lora a.safetensors --lora b.safetensors:0.5   # two LoRAs stacked
+    python -m ldm.sample --unet runs/inpaint --task inpaint --init-image I.png --mask M.png --prompt "..."
+    python -m ldm.sample --unet runs/palette --task sr --init-image LOW.png --prompt "..."   # 8 or 16 px in
+    python -m ldm.sample --prompt "..." --upscaler runs/sr64 [--upscaler runs/sr128]   # a cascade
+    python -m ldm.sample --from-diffusers SD-INPAINT --task inpaint --init-image I.png --mask M.png --prompt "..."
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
 given) and ``--n`` images a row; ``--images DIR`` also writes each image.
@@ -30,6 +34,7 @@ from pathlib import Path
 from ldm.data.folder import read_text_utf8
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
+from ldm.image2image import SAMPLE_AUG_LEVEL, TASKS, generate_cascade, task_inputs
 from ldm.pipeline import DEFAULT_STRENGTH, SPACINGS, Pipeline, generate, load_image
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
@@ -116,6 +121,18 @@ def build_parser() -> argparse.ArgumentParser:
                            "(GLIDE); an unconditional UNet then takes prompts too")
     what.add_argument("--clip-guidance", type=float, default=None, metavar="S",
                       help="with --clip: the scale s of the CLIP gradient added to the score (default 10)")
+    what.add_argument("--task", choices=TASKS, default=None,
+                      help="image-conditioned (a model from train_unet --task, or SD inpainting): inpaint or "
+                           "outpaint --init-image where --mask is white, colorize --init-image, sr (upscale the "
+                           "low-res --init-image to the model's size)")
+    what.add_argument("--mask", default=None, metavar="PATH", help="with --task inpaint/outpaint: white = draw, "
+                                                                    "the size of --init-image")
+    what.add_argument("--noise-level", type=int, default=SAMPLE_AUG_LEVEL,
+                      help=f"with --task sr or --upscaler: the noise-augmentation level of the low-res input, a "
+                           f"timestep (default {SAMPLE_AUG_LEVEL})")
+    what.add_argument("--upscaler", action="append", default=None, metavar="DIR",
+                      help="a cascade: refine the --unet's images with this sr (or palette) model, at a multiple of "
+                           "their resolution (repeat for more stages)")
     how = p.add_argument_group("sampler")
     how.add_argument("--sampler", choices=list(SAMPLERS), default=None,
                      help="default: unet.json's (unipc, UniPC of order 3, when it names none)")
@@ -144,6 +161,12 @@ def check_args(args: argparse.Namespace) -> None:
             raise InputError("--strength needs --init-image")
         if not 0.0 < args.strength <= 1.0:
             raise InputError(f"--strength must lie in (0, 1], got {args.strength}")
+    if args.upscaler and (args.task or args.init_image):
+        raise InputError("--upscaler refines text-to-image samples; it takes no --task or --init-image")
+    if args.task is None and args.mask is not None:
+        raise InputError("--mask needs --task inpaint or outpaint")
+    if args.task is not None and args.strength is not None:
+        raise InputError(f"--strength is for image-to-image without --task; --task {args.task} redraws as trained")
     if args.init_image is not None and not Path(args.init_image).is_file():
         raise InputError(f"--init-image: file not found: {args.init_image}")
     if args.cfg is not None and args.cfg < 0:
@@ -152,6 +175,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InputError("--clip-guidance needs --clip DIR")
     if args.clip_guidance is not None and args.clip_guidance < 0:
         raise InputError(f"--clip-guidance must be >= 0, got {args.clip_guidance}")
+    if args.clip is not None and (args.task or args.upscaler):
+        raise InputError("--clip guides text-to-image sampling; it does not combine with --task or --upscaler")
 
 
 def parse_lora(spec: str) -> tuple[str, float]:
@@ -178,13 +203,25 @@ def run(args: argparse.Namespace) -> int:
             pipe.load_lora(path, scale)
         except (FileNotFoundError, ValueError) as e:
             raise InputError(f"--lora {spec}: {e}") from None
-    prompts = read_prompts(args, pipe)
+    if args.task and pipe.conditional and not (args.prompt or args.prompts_file):
+        prompts = [""]  # no prompt: the conditioning image alone (the empty prompt the model was trained with)
+    else:
+        prompts = read_prompts(args, pipe)
+    if args.task and prompts and len(prompts) > 1:
+        raise InputError(f"--task {args.task} draws from one --init-image with one prompt, got {len(prompts)}")
     classes = read_classes(args, pipe)
     sampler = args.sampler or pipe.defaults.sampler
     steps = args.steps or pipe.defaults.steps
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
     init, strength = None, 1.0
-    if args.init_image is not None:
+    if args.task is not None:
+        images, masks = task_inputs(args.task, args.init_image, args.mask, pipe.resolution)
+        if classes is not None:
+            raise InputError("--task: class-conditional UNets take no conditioning image")
+        images = pipe.image2image(args.task, images, masks, prompts, n=args.n, steps=steps,
+                                  sampler=sampler, cfg=cfg, seed=args.seed, noise_level=args.noise_level,
+                                  batch_size=args.batch_size)
+    elif args.init_image is not None:
         init = load_image(args.init_image, pipe.resolution, what="--init-image")
         strength = args.strength if args.strength is not None else DEFAULT_STRENGTH
     guide = None
@@ -194,9 +231,20 @@ def run(args: argparse.Namespace) -> int:
 
         scale = DEFAULT_CLIP_GUIDANCE if args.clip_guidance is None else args.clip_guidance
         guide = clip_guide(load_clip(args.clip, device), prompts, scale, pipe.schedule, pipe.latent_shape, device)
-    images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg, seed=args.seed,
-                      batch_size=args.batch_size, spacing=args.spacing, init_image=init, strength=strength,
-                      progress=args.progress, guide=guide)
+    if args.upscaler:
+        ups = [Pipeline.from_pretrained(u, device=device) for u in args.upscaler]
+        try:
+            stages = generate_cascade(pipe, ups, prompts, n=args.n, seed=args.seed, batch_size=args.batch_size,
+                                      noise_level=args.noise_level,
+                                      base_kwargs=dict(steps=steps, sampler=sampler, cfg=cfg, spacing=args.spacing))
+        except ValueError as e:
+            raise InputError(str(e)) from None
+        images = stages[-1]
+        print("sample: cascade " + " -> ".join(f"{s.shape[-1]} px" for s in stages), file=sys.stderr)
+    elif args.task is None:
+        images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg,
+                          seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, init_image=init,
+                          strength=strength, progress=args.progress, guide=guide)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_grid(images, nrow=args.n, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)

@@ -271,7 +271,8 @@ def convert_from_diffusers(path: str | Path, out: str | Path, dtype: torch.dtype
                     num_timesteps=int(betas.get("num_train_timesteps", 1000)), resolution=latent * f,
                     text_encoder=encoder if unet.config.context_dim is not None else None, cfg_scale=SD_CFG,
                     created_by="ldm.convert from-diffusers",
-                    extra={"diffusers_config": unet_cfg, "source": source})
+                    extra={"diffusers_config": unet_cfg, "source": source,
+                           **({"task": "inpaint"} if unet.config.cond_channels else {})})
     save_unet(out, unet, info)
     save_vae(out, vae, diffusers_config=vae_cfg, source=source, created_by="ldm.convert from-diffusers")
     return out

@@ -337,7 +337,11 @@ def unet_config_from_diffusers(cfg: dict, source: str = "unet/config.json") -> U
     if not isinstance(depth, int):
         raise _unsupported(source, "transformer_layers_per_block", cfg["transformer_layers_per_block"],
                            "our spatial transformers have one depth")
-    fields = dict(in_channels=cfg.get("in_channels", 4), out_channels=cfg.get("out_channels", 4),
+    in_ch, out_ch = cfg.get("in_channels", 4), cfg.get("out_channels", 4)
+    # SD's inpainting layout: the latents, the mask, the masked image's latents (9 = 4 + 1 + 4); ours keeps the
+    # last two apart as the conditioning image (ldm.image2image), conv_in sees the same 9 channels in that order
+    cond = out_ch + 1 if in_ch == 2 * out_ch + 1 else 0
+    fields = dict(in_channels=in_ch - cond, out_channels=out_ch, cond_channels=cond,
                   model_channels=model_channels, channel_mult=tuple(w // model_channels for w in widths),
                   num_res_blocks=_one_value(cfg, "layers_per_block", source, 2),
                   attention_levels=tuple(attention_levels), mid_attention=True,
@@ -368,12 +372,17 @@ def unet_config_to_diffusers(config: UNetConfig, sample_size: int | None = None,
     if config.pooled_context:
         raise _unsupported(source, "pooled_context", True, "SD 1.x's UNet2DConditionModel sees the text "
                            "through cross-attention only")
+    if config.cond_channels not in (0, config.out_channels + 1):
+        raise _unsupported(source, "cond_channels", config.cond_channels, "SD's inpainting layout has a mask and "
+                           f"the masked image's latents: {config.out_channels + 1} channels")
+    if config.noise_level_embed:
+        raise _unsupported(source, "noise_level_embed", True, "SD 1.x's UNet2DConditionModel has no noise-level input")
     levels = range(len(config.channel_mult))
     cross = [lvl in config.attention_levels for lvl in levels]
     out = {
         "_class_name": "UNet2DConditionModel",
         **({"sample_size": sample_size} if sample_size is not None else {}),
-        "in_channels": config.in_channels, "out_channels": config.out_channels,
+        "in_channels": config.in_channels + config.cond_channels, "out_channels": config.out_channels,
         "block_out_channels": [config.model_channels * m for m in config.channel_mult],
         "down_block_types": ["CrossAttnDownBlock2D" if c else "DownBlock2D" for c in cross],
         "mid_block_type": "UNetMidBlock2DCrossAttn",

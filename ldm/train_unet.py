@@ -10,6 +10,8 @@
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DOG_PHOTOS --class-prompt "a photo of a dog" \
         --class-images 200 --lr 5e-6 --steps 800 --out runs/dreambooth     # DreamBooth, captions "a photo of sks dog"
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --buckets --lora 16   # keep aspect ratios
+    python -m ldm.train_unet --text --task inpaint --out runs/inpaint   # image-conditioned (ldm.image2image):
+    python -m ldm.train_unet --text --task palette --out runs/palette   # inpaint, outpaint, colorize, sr in one
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
 The latent cache (``--cache-dir``, default ``OUT/cache``) is built once: the VAE's posterior mean
@@ -47,6 +49,7 @@ from ldm.diffusion import PREDICTIONS, SCHEDULES
 from ldm.distributed import init_distributed
 from ldm.errors import InputError
 from ldm.lora import LORA_TARGETS
+from ldm.image2image import TRAIN_TASKS
 from ldm.trainer import config_from_args, given_fields
 from ldm.unet import UNET_CONFIGS
 from ldm.unet_training import DEMO, EMA_WARMUP, TrainConfig, train
@@ -84,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--class-cond", action="store_true",
                       help="condition on the class labels of a labelled dataset (--data digits) instead of text: "
                            "a learned class embedding, with a null class for guidance")
+    text.add_argument("--task", choices=TRAIN_TASKS, default=None,
+                      help="condition on an image too (ldm.image2image): inpaint (boxes, strokes, the shape's box), "
+                           "outpaint (half the image), colorize (the greyscale image), sr (the image at 1/2 or "
+                           "1/4 of the side, noise-augmented) or palette (all four in one model)")
     model = p.add_argument_group("model and objective")
     model.add_argument("--preset", choices=list(UNET_CONFIGS), default=DEMO.preset,
                        help=f"UNet size (default {DEMO.preset})")

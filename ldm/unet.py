@@ -4,13 +4,15 @@ Vaswani et al. 2017.
 
 The model contract, used by the diffusion maths, the samplers and the training scripts:
 
-    unet(x, t, context=None, context_lengths=None, class_labels=None) -> (B, out_channels, H, W)
+    unet(x, t, context=None, context_lengths=None, class_labels=None, cond=None, noise_level=None)
+        -> (B, out_channels, H, W)
 
 x (B, in_channels, H, W) noisy latents; t (B,) float timesteps in [0, T) (fractional values are
 fine: the embedding is continuous); context (B, L, context_dim) text tokens; context_lengths (B,)
 integers, the number of valid tokens of each row (the rest is padding that no query attends to);
 class_labels (B,) integers in [0, num_classes] for a class-conditional UNet, num_classes being the
-"null" class that classifier-free guidance takes as unconditional.
+"null" class that classifier-free guidance takes as unconditional; cond (B, cond_channels, H, W) the
+conditioning image of an image-conditioned UNet and noise_level (B,) its augmentation level in [0, T).
 
 Layout (for SD 1.x: 320 channels, multipliers 1, 2, 4, 4):
 
@@ -73,6 +75,12 @@ class UNetConfig:
     # class of classifier-free guidance) added to the timestep embedding, as in ADM (Dhariwal & Nichol
     # 2021) and DiT. None: no class input.
     num_classes: int | None = None
+    # Image conditioning (ldm.image2image): cond_channels more input channels concatenated to x, e.g. SD's
+    # inpainting UNet's mask (1) + masked-image latents (4), so conv_in sees in_channels + cond_channels.
+    cond_channels: int = 0
+    # The noise-augmentation level of the conditioning image (Ho et al. 2021, cascaded diffusion), embedded
+    # as the timestep is and added to it, so the model knows how much to trust the image.
+    noise_level_embed: bool = False
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # JSON gives lists back
@@ -90,6 +98,9 @@ class UNetConfig:
                              f"0..{levels - 1} (channel_mult has {levels} levels)")
         if self.num_classes is not None and (not isinstance(self.num_classes, int) or self.num_classes <= 0):
             raise ValueError(f"UNetConfig: num_classes must be a positive integer or None, got {self.num_classes}")
+        if self.cond_channels < 0 or (self.noise_level_embed and not self.cond_channels):
+            raise ValueError(f"UNetConfig: cond_channels must be >= 0 (> 0 with noise_level_embed), "
+                             f"got {self.cond_channels}")
         if self.context_dim is not None and self.context_dim <= 0:
             raise ValueError(f"UNetConfig: context_dim must be positive or None, got {self.context_dim}")
         for m in self.channel_mult:
@@ -321,8 +332,8 @@ class Mid(nn.Module):
 
 
 class UNet(nn.Module):
-    """``unet(x, t, context=None, context_lengths=None, class_labels=None) -> (B, out_channels, H, W)``, see the
-    module docstring."""
+    """``unet(x, t, context=None, context_lengths=None, class_labels=None, cond=None, noise_level=None)
+    -> (B, out_channels, H, W)``, see the module docstring."""
 
     def __init__(self, config: UNetConfig):
         super().__init__()
@@ -341,7 +352,8 @@ class UNet(nn.Module):
         if cfg.num_classes is not None:  # row num_classes: the null class
             self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
             nn.init.normal_(self.class_embed.weight, std=0.02)  # as DiT's label embedding
-        self.conv_in = nn.Conv2d(cfg.in_channels, mc, 3, padding=1)
+        self.noise_level_embed = TimeEmbedding(mc, emb_dim) if cfg.noise_level_embed else None
+        self.conv_in = nn.Conv2d(cfg.in_channels + cfg.cond_channels, mc, 3, padding=1)
 
         skip_chans, ch = [mc], mc  # the channels of every tensor the down path leaves for the up path
         self.down = nn.ModuleList()
@@ -392,7 +404,20 @@ class UNet(nn.Module):
         if class_labels.is_floating_point() or class_labels.dtype == torch.bool:
             raise ValueError(f"UNet: class_labels must be integers, got {class_labels.dtype}")
 
-    def _check_inputs(self, x, t, context, context_lengths, class_labels=None):
+    def _check_cond(self, x, cond, noise_level):
+        cfg, B = self.config, x.shape[0]
+        if not cfg.cond_channels:
+            if cond is not None or noise_level is not None:
+                raise ValueError("UNet: this model takes no conditioning image (cond_channels=0)")
+            return
+        if not isinstance(cond, torch.Tensor) or cond.shape != (B, cfg.cond_channels, *x.shape[2:]):
+            got = tuple(cond.shape) if isinstance(cond, torch.Tensor) else cond
+            raise ValueError(f"UNet: cond must have shape ({B}, {cfg.cond_channels}, {x.shape[2]}, {x.shape[3]}), "
+                             f"got {got}")
+        if cfg.noise_level_embed and (not isinstance(noise_level, torch.Tensor) or noise_level.shape != (B,)):
+            raise ValueError(f"UNet: this model takes the conditioning's noise_level, a tensor of shape ({B},)")
+
+    def _check_inputs(self, x, t, context, context_lengths, class_labels=None, cond=None, noise_level=None):
         cfg = self.config
         if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1] != cfg.in_channels:
             got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -402,6 +427,7 @@ class UNet(nn.Module):
             got = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(f"UNet: t must be a tensor of shape ({B},) matching x's batch, got {got}")
         self._check_labels(class_labels, B)
+        self._check_cond(x, cond, noise_level)
         if cfg.context_dim is None:
             if context is not None or context_lengths is not None:
                 raise ValueError("UNet: this model is unconditional (context_dim=None) but got a context")
@@ -420,24 +446,29 @@ class UNet(nn.Module):
                 raise ValueError(f"UNet: context_lengths must be integers, got {context_lengths.dtype}")
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None = None,
-                context_lengths: torch.Tensor | None = None, class_labels: torch.Tensor | None = None) -> torch.Tensor:
-        self._check_inputs(x, t, context, context_lengths, class_labels)
+                context_lengths: torch.Tensor | None = None, class_labels: torch.Tensor | None = None,
+                cond: torch.Tensor | None = None, noise_level: torch.Tensor | None = None) -> torch.Tensor:
+        self._check_inputs(x, t, context, context_lengths, class_labels, cond, noise_level)
         t = t.expand(x.shape[0])  # (B,)
         emb = self.time_embed(t)  # (B, 4 * mc)
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels).to(emb.dtype)  # (B, 4 * mc)
         if self.context_pool is not None:
             emb = emb + self.context_pool(masked_mean(context, context_lengths).to(emb.dtype))  # (B, 4 * mc)
+        if self.noise_level_embed is not None:
+            emb = emb + self.noise_level_embed(noise_level)  # (B, 4 * mc)
         emb = F.silu(emb)  # the SiLU every ResBlock applies first
-        cond = (context, context_lengths)
+        text = (context, context_lengths)
 
+        if cond is not None:
+            x = torch.cat([x, cond.to(x.dtype)], dim=1)  # (B, in_channels + cond_channels, H, W)
         h = self.conv_in(x)  # (B, mc, H, W)
         skips = [h]
         for level in self.down:
             for j, res in enumerate(level.res):
                 h = self._run(res, h, emb)  # (B, C_level, H_level, W_level)
                 if level.attn is not None:
-                    h = self._run(level.attn[j], h, *cond)
+                    h = self._run(level.attn[j], h, *text)
                 skips.append(h)
             if level.resample is not None:
                 h = level.resample(h)  # (B, C_level, H_level / 2, W_level / 2)
@@ -445,7 +476,7 @@ class UNet(nn.Module):
 
         h = self._run(self.mid.res1, h, emb)  # (B, C_deepest, h, w)
         if self.mid.attn is not None:
-            h = self._run(self.mid.attn, h, *cond)
+            h = self._run(self.mid.attn, h, *text)
         h = self._run(self.mid.res2, h, emb)
 
         for level in self.up:
@@ -453,7 +484,7 @@ class UNet(nn.Module):
                 h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H_level, W_level)
                 h = self._run(res, h, emb)  # (B, C_level, H_level, W_level)
                 if level.attn is not None:
-                    h = self._run(level.attn[j], h, *cond)
+                    h = self._run(level.attn[j], h, *text)
             if level.resample is not None:
                 h = level.resample(h, skips[-1].shape[-2:])  # (B, C_level, 2 H_level, 2 W_level)
 

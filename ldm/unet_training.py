@@ -29,6 +29,7 @@ from ldm.data import BUILTIN, is_builtin, open_dataset
 from ldm.data.buckets import BucketedFolder
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.distributed import Dist, weights_digest
+from ldm import image2image as i2i
 from ldm.errors import InputError
 from ldm.finetune import PriorDataset, Trainable, class_images, open_base
 from ldm.latent_cache import Batches, encoder_path, load_text_encoder, prepare_cache, validation_prompts
@@ -73,6 +74,8 @@ class TrainConfig:
     cfg_drop: float = 0.1  # share of captions (or class labels) dropped for classifier-free guidance
     # class conditioning (a labelled dataset: --data digits): the UNet's class embedding instead of text
     class_cond: bool = False
+    # image conditioning (ldm.image2image): inpaint, outpaint, colorize, sr or palette (all four); None: none
+    task: str | None = None
     # model and objective
     preset: str = "tiny"  # UNET_CONFIGS entry
     unet_override: list[str] = field(default_factory=list)  # KEY=VALUE (JSON) fields of the preset
@@ -130,7 +133,7 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond",
+RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond", "task",
               "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
@@ -191,6 +194,10 @@ def check_config(c: TrainConfig, d: Dist) -> None:
     if c.text_encoder is not None and not (Path(c.text_encoder) / "config.json").is_file():
         raise InputError(f"--text-encoder: {c.text_encoder} has no config.json "
                          "(expected a local Hugging Face model folder)")
+    if c.task is not None and c.task not in i2i.TRAIN_TASKS:
+        raise InputError(f"--task {c.task!r}: expected one of {', '.join(i2i.TRAIN_TASKS)}")
+    if c.eval and c.task:
+        raise InputError("--eval scores text-to-image; score a --task model with python -m ldm.eval_image2image")
     if c.eval and not c.text:
         raise InputError("--eval scores prompts; it needs --text")
     if c.init_from is not None and not c.text:
@@ -301,9 +308,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     torch.manual_seed(c.seed)
     num_classes = dataset.num_classes if c.class_cond else None
     try:
+        task_fields = i2i.unet_fields(c.task, latent_shape[0]) if c.task else {}
         config = unet_config(c.preset, in_channels=latent_shape[0], out_channels=latent_shape[0],
                              context_dim=width, num_classes=num_classes, gradient_checkpointing=c.grad_checkpointing,
-                             **overrides)
+                             **task_fields, **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
     if base is not None:
@@ -377,7 +385,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
             d.barrier()
 
     def validate(step: int) -> None:
-        if d.main:
+        if d.main and c.task:
+            i2i.save_validation(pipe, c.task, val_images, cache, c.val_steps, c.val_cfg, c.seed,
+                           out / "val" / f"step_{step:07d}.png")
+        elif d.main:
             save_validation(pipe, val_prompts, val_encoded, c.val_images, c.val_steps, c.val_cfg, c.seed,
                             out / "val" / f"step_{step:07d}.png", c.val_prompts, val_classes)
             plot_curves(log.read(), ["loss"], out / "loss.png", title="train_unet: diffusion loss")
@@ -385,6 +396,14 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     batches = Batches(cache, B, d, c.seed, c.cfg_drop, schedule.num_timesteps, device,
                       t_focus=(c.t_focus, c.t_focus_mean, c.t_focus_std), null_class=num_classes,
                       prior=(dataset.n_instance, c.prior_weight) if c.class_prompt else None)
+    val_images = None
+    if c.task:  # the sources of the conditioning: the cached items' images, rendered once
+        images = i2i.rendered_images(dataset, N)
+        attrs = [dataset.attributes(i) for i in range(N)] if hasattr(dataset, "attributes") else None
+        batches = i2i.TaskBatches(batches, c.task, images, vae.eval().requires_grad_(False), schedule, c.seed,
+                                  d.rank, attrs, config.noise_level_embed)
+        val_images = images[:c.val_prompts].float().div(127.5).sub(1)  # (V, 3, H, W) training items
+        pipe.meta["task"] = c.task
     ema_params, model_params = trainable.ema_params, trainable.params
     loss_sum, loss_count, shown_loss = torch.zeros((), device=device), 0, float("nan")
     finite = torch.ones((), dtype=torch.bool, device=device)  # every loss so far; read before any save
@@ -466,7 +485,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                     vae=str(Path(c.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                     sampler=SAMPLER, sample_steps=c.val_steps, cfg_scale=c.val_cfg, val_prompts=val_prompts,
                     created_by=CREATED_BY,
-                    extra={"conditioning": "text" if c.text else "class" if c.class_cond else "none",
+                    extra={"conditioning": "text" if c.text else "class" if c.class_cond else "none", "task": c.task,
                            "dataset": dataset.describe(), "cached_items": N, "steps": step, "batch_size": B,
                            "ema_decay": c.ema_decay, "eval": scores,
                            "training": {"world_size": d.world, "weights_sha256": digests,
