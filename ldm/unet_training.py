@@ -13,7 +13,6 @@ batches are ``ldm.latent_cache``, the run folder and resume ``ldm.trainer``.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from ldm.checkpoint import rng_state, set_rng_state
-from ldm.data import BUILTIN, is_builtin, open_dataset
+from ldm.data import open_dataset
 from ldm.data.buckets import BucketedFolder
 from ldm.diffusion import NoiseSchedule, diffusion_loss
 from ldm.distributed import Dist, weights_digest
@@ -37,9 +36,10 @@ from ldm.lora import LoRAConfig
 from ldm.pipeline import Pipeline, generate
 from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
-from ldm.trainer import (RunFolder, check_finite, check_positive, learning_rate, restore,
+from ldm.train_checks import check_config, parse_overrides
+from ldm.trainer import (RunFolder, check_finite, learning_rate, restore,
                          sigterm_as_interrupt)
-from ldm.unet import UNet, UNetConfig, count_parameters, unet_config
+from ldm.unet import UNet, count_parameters, unet_config
 
 CREATED_BY = "ldm.train_unet"  # what unet.json says when this module wrote it
 SAMPLER = DEFAULT_SAMPLER  # the validation grids' sampler and the exported default
@@ -49,7 +49,6 @@ EMA_WARMUP = 10  # decay(step) = min(ema_decay, (1 + step) / (EMA_WARMUP + step)
 COSINE_FLOOR = 0.1  # the cosine schedule decays to this share of the rate
 GIF_FRAME_MS = 400
 VAL_BATCH = 64  # images per sampler run of the validation grids
-FIXED_FIELDS = ("in_channels", "out_channels", "context_dim", "num_classes")  # the VAE's, the encoder's, the data's
 
 
 @dataclass
@@ -142,85 +141,6 @@ RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_enc
 # floating-point sums, so an exact resume keeps it too).
 KEPT_FIELDS = ("steps", "cache_dir", "workers", "threads", "grad_checkpointing", "ckpt_every", "val_every",
                "val_steps", "val_cfg", "log_every", "eval")
-
-
-def parse_overrides(items: list[str]) -> dict:
-    """``KEY=VALUE`` strings (VALUE in JSON) -> UNetConfig fields; the widths are not among them."""
-    names = {f.name for f in dataclasses.fields(UNetConfig)}
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or key not in names:
-            raise InputError(f"--unet-override {item!r}: expected KEY=VALUE with KEY a UNetConfig field "
-                             f"({', '.join(sorted(names - set(FIXED_FIELDS)))})")
-        if key in FIXED_FIELDS:
-            raise InputError(f"--unet-override {key}: set by the VAE's latent channels, the text encoder's width "
-                             "and the dataset's classes")
-        try:
-            out[key] = json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
-
-
-def check_config(c: TrainConfig, d: Dist) -> None:
-    """InputError naming the flag for a value no run can take."""
-    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads"))
-    check_positive(c, ("warmup", "val_every", "eval", "workers", "weight_decay", "grad_clip",
-                       "min_snr_gamma"), strict=False)
-    if c.lr <= 0:
-        raise InputError(f"--lr must be positive, got {c.lr}")
-    if not 0 <= c.ema_decay < 1:
-        raise InputError(f"--ema-decay must lie in [0, 1), got {c.ema_decay}")
-    if not 0 <= c.t_focus <= 1:
-        raise InputError(f"--t-focus must lie in [0, 1], got {c.t_focus}")
-    if c.t_focus_std <= 0:
-        raise InputError(f"--t-focus-std must be positive, got {c.t_focus_std}")
-    if c.val_cfg < 0:
-        raise InputError(f"--val-cfg must be >= 0 (1: no guidance), got {c.val_cfg}")
-    if not 0 <= c.cfg_drop < 1:
-        raise InputError(f"--cfg-drop must lie in [0, 1), got {c.cfg_drop}")
-    if c.batch_size % d.world:
-        raise InputError(f"--batch-size {c.batch_size} does not split over {d.world} processes")
-    if not is_builtin(c.data) and not Path(c.data).is_dir():
-        raise InputError(f"--data: folder not found: {c.data} (built-in: {', '.join(BUILTIN)})")
-    if c.class_cond and c.text:
-        raise InputError("--class-cond and --text: pick one conditioning")
-    if c.class_cond and c.data not in BUILTIN:
-        raise InputError("--class-cond needs a labelled dataset: --data digits")
-    if c.text_encoder is not None and not c.text:
-        raise InputError("--text-encoder needs --text (without it the UNet is unconditional)")
-    if c.text_encoder is not None and not (Path(c.text_encoder) / "config.json").is_file():
-        raise InputError(f"--text-encoder: {c.text_encoder} has no config.json "
-                         "(expected a local Hugging Face model folder)")
-    if c.task is not None and c.task not in i2i.TRAIN_TASKS:
-        raise InputError(f"--task {c.task!r}: expected one of {', '.join(i2i.TRAIN_TASKS)}")
-    if c.eval and c.task:
-        raise InputError("--eval scores text-to-image; score a --task model with python -m ldm.eval_image2image")
-    if c.eval and not c.text:
-        raise InputError("--eval scores prompts; it needs --text")
-    if c.init_from is not None and not c.text:
-        raise InputError("--init-from fine-tunes a text-to-image model: it needs --text")
-    if c.buckets and is_builtin(c.data):
-        raise InputError("--buckets groups the pictures of an image folder by aspect ratio: it needs --data DIR")
-    if c.class_prompt is not None:
-        if c.init_from is None or is_builtin(c.data) or c.buckets:
-            raise InputError("--class-prompt (prior preservation) needs --init-from and --data DIR, without --buckets")
-        if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
-            raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
-                             f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
-    if c.lora and d.world > 1:
-        raise InputError("--lora trains in one process for now (its adapters sit outside DistributedDataParallel)")
-    if c.lora < 0:
-        raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
-    if c.lora:
-        try:
-            LoRAConfig(c.lora, c.lora_alpha, c.lora_targets)
-        except ValueError as e:
-            raise InputError(f"--lora: {e}") from None
-    if c.eval and c.data is not None:
-        raise InputError("--eval scores the built-in shapes; it does not apply to --data")
 
 
 def ema_decay(step: int, ceiling: float) -> float:
