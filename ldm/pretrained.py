@@ -22,6 +22,7 @@ from autoencoder import VAE, VAEConfig
 from ldm.checkpoint import EXPORT_KEY, load_model_files, load_state_dict_strict, save_model
 from ldm.diffusion import NoiseSchedule, check_prediction
 from ldm.errors import InputError
+from ldm.unclip_decoder import build_unet
 from ldm.unet import UNet, UNetConfig
 
 VAE_NAME = "vae"
@@ -211,7 +212,7 @@ def load_unet(folder: str | Path, device: str | torch.device = "cpu",
         state, meta = load_model_files(folder, UNET_NAME)
         info = UNetFile.from_json(meta, folder / f"{UNET_NAME}.json")
         with torch.device("meta"):  # shapes only: an 860M-parameter UNet builds in no time and no memory
-            unet = UNet(info.config)
+            unet = build_unet(info.config)  # the plain UNet, or the unCLIP decoder's
         load_state_dict_strict(unet, state, str(folder / f"{UNET_NAME}.safetensors"), assign=True)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None

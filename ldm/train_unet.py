@@ -12,6 +12,7 @@
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --buckets --lora 16   # keep aspect ratios
     python -m ldm.train_unet --text --task inpaint --out runs/inpaint   # image-conditioned (ldm.image2image):
     python -m ldm.train_unet --text --task palette --out runs/palette   # inpaint, outpaint, colorize, sr in one
+    python -m ldm.train_unet --cond clip-image --clip runs/clip --out runs/decoder   # the unCLIP decoder
     torchrun --nproc_per_node 8 -m ldm.train_unet --text --data DIR --preset small   # DDP, one GPU a process
 
 The latent cache (``--cache-dir``, default ``OUT/cache``) is built once: the VAE's posterior mean
@@ -51,6 +52,7 @@ from ldm.errors import InputError
 from ldm.lora import LORA_TARGETS
 from ldm.image2image import TRAIN_TASKS
 from ldm.trainer import config_from_args, given_fields
+from ldm.unclip_decoder import COND
 from ldm.unet import UNET_CONFIGS
 from ldm.unet_training import DEMO, EMA_WARMUP, TrainConfig, train
 
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="condition on an image too (ldm.image2image): inpaint (boxes, strokes, the shape's box), "
                            "outpaint (half the image), colorize (the greyscale image), sr (the image at 1/2 or "
                            "1/4 of the side, noise-augmented) or palette (all four in one model)")
+    text.add_argument("--cond", choices=(COND,), default=None,
+                      help=f"{COND}: the unCLIP decoder (ldm.unclip_decoder), conditioned on the --clip model's "
+                           "image embedding of each training image, dropped to zeros for guidance (--cfg-drop)")
+    text.add_argument("--clip", default=None, metavar="DIR",
+                      help=f"with --cond {COND}: the CLIP folder (python -m ldm.train_clip) that embeds the images")
     model = p.add_argument_group("model and objective")
     model.add_argument("--preset", choices=list(UNET_CONFIGS), default=DEMO.preset,
                        help=f"UNet size (default {DEMO.preset})")

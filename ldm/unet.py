@@ -81,6 +81,7 @@ class UNetConfig:
     # The noise-augmentation level of the conditioning image (Ho et al. 2021, cascaded diffusion), embedded
     # as the timestep is and added to it, so the model knows how much to trust the image.
     noise_level_embed: bool = False
+    clip_tokens: int = 0  # ldm.unclip_decoder: the context is a CLIP image embedding, projected to this many tokens
 
     def __post_init__(self):
         self.channel_mult = tuple(self.channel_mult)  # JSON gives lists back

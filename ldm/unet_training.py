@@ -39,7 +39,8 @@ from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.train_checks import check_config, parse_overrides
 from ldm.trainer import (RunFolder, check_finite, learning_rate, restore,
                          sigterm_as_interrupt)
-from ldm.unet import UNet, count_parameters, unet_config
+from ldm.unclip_decoder import attach_clip_embeddings, build_unet, check_train_config, decoder_fields
+from ldm.unet import count_parameters, unet_config
 
 CREATED_BY = "ldm.train_unet"  # what unet.json says when this module wrote it
 SAMPLER = DEFAULT_SAMPLER  # the validation grids' sampler and the exported default
@@ -75,6 +76,9 @@ class TrainConfig:
     class_cond: bool = False
     # image conditioning (ldm.image2image): inpaint, outpaint, colorize, sr or palette (all four); None: none
     task: str | None = None
+    # the unCLIP decoder (ldm.unclip_decoder): "clip-image" conditions on the --clip model's image embeddings
+    cond: str | None = None
+    clip: str | None = None
     # model and objective
     preset: str = "tiny"  # UNET_CONFIGS entry
     unet_override: list[str] = field(default_factory=list)  # KEY=VALUE (JSON) fields of the preset
@@ -132,7 +136,7 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond", "task",
+RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond", "task", "cond", "clip",
               "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
@@ -179,6 +183,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     if resume:
         c, start_step, parts = run.resume(c, given, RUN_FIELDS, KEPT_FIELDS)
     check_config(c, d)
+    check_train_config(c)
     overrides = parse_overrides(c.unet_override)
     try:  # the widths come later, from the VAE and the cache; the layout can be checked now
         unet_config(c.preset, gradient_checkpointing=c.grad_checkpointing, **overrides)
@@ -219,19 +224,22 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     cache = prepare_cache(c.cache_dir or out / "cache", d, vae, c.vae, dataset, n_cache,
                           encoder_path(c.text_encoder) if c.text else None, val_prompts, device, c.workers, quiet,
                           text_options=text_options)
+    if c.cond:  # the CLIP's image embeddings become the items' one-token captions
+        val_prompts = attach_clip_embeddings(cache, c.clip, dataset, len(cache.mean), c.val_prompts, device,
+                                             quiet or not d.main)
     if parts is not None and parts["run"]["cache_keys"] != cache.keys:
         raise InputError(f"the cache inputs changed since the checkpoint in {run.ckpt.root} (the VAE in {c.vae}, "
                          "the dataset or the text encoder); start a new run in another --out")
     N = len(cache.mean)
-    width = cache.tokens.shape[-1] if c.text else None
+    width = cache.tokens.shape[-1] if c.text or c.cond else None
 
     torch.manual_seed(c.seed)
     num_classes = dataset.num_classes if c.class_cond else None
     try:
         task_fields = i2i.unet_fields(c.task, latent_shape[0]) if c.task else {}
         config = unet_config(c.preset, in_channels=latent_shape[0], out_channels=latent_shape[0],
-                             context_dim=width, num_classes=num_classes, gradient_checkpointing=c.grad_checkpointing,
-                             **task_fields, **overrides)
+                             num_classes=num_classes, gradient_checkpointing=c.grad_checkpointing, **task_fields,
+                             **(decoder_fields(width) if c.cond else {"context_dim": width}), **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
     if base is not None:
@@ -243,8 +251,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         run.start_new("train_unet")
         for old in (out / "val").glob("step_*.png"):
             old.unlink()
-    model = UNet(config).to(device)
-    ema = UNet(config).to(device).eval().requires_grad_(False)
+    model = build_unet(config).to(device)
+    ema = build_unet(config).to(device).eval().requires_grad_(False)
     if base is not None:
         model.load_state_dict(base.unet.state_dict())
         base.unet = None  # copied: not a third UNet in memory through the run
@@ -272,7 +280,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                     autocast_dtype=torch.bfloat16 if device.type == "cuda" else None)
     val_encoded = None
     val_classes = list(range(num_classes)) if num_classes else None  # every class, one column each
-    if c.text:
+    if c.text or c.cond:
         val_encoded = (cache.tokens[cache.val_rows].float(), cache.token_lengths[cache.val_rows],
                        (cache.tokens[cache.empty_row][None].float(), cache.token_lengths[cache.empty_row][None]))
 
@@ -280,7 +288,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     log = MetricsLog(out / "metrics.jsonl", resume_step=start_step if parts is not None else None, enabled=d.main)
     B, b = c.batch_size, c.batch_size // d.world
     if d.main:
-        what = (f"text-conditional ({width}-wide tokens)" if c.text else
+        what = (f"text-conditional ({width}-wide tokens)" if c.text else f"{c.cond} ({width}-wide)" if c.cond else
                 f"class-conditional ({num_classes} classes)" if c.class_cond else "unconditional")
         print(f"train_unet: {c.preset if base is None else 'pretrained'} UNet, "
               f"{count_parameters(model) / 1e6:.2f}M parameters ({trainable.describe()}), "
@@ -405,7 +413,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                     vae=str(Path(c.vae).resolve()), vae_sha256=cache.keys["latents"]["vae_sha256"],
                     sampler=SAMPLER, sample_steps=c.val_steps, cfg_scale=c.val_cfg, val_prompts=val_prompts,
                     created_by=CREATED_BY,
-                    extra={"conditioning": "text" if c.text else "class" if c.class_cond else "none", "task": c.task,
+                    extra={"conditioning": c.cond or ("text" if c.text else "class" if c.class_cond else "none"),
+                           "task": c.task, **({"clip": cache.keys["clip"]["clip"]} if c.cond else {}),
                            "dataset": dataset.describe(), "cached_items": N, "steps": step, "batch_size": B,
                            "ema_decay": c.ema_decay, "eval": scores,
                            "training": {"world_size": d.world, "weights_sha256": digests,
