@@ -15,6 +15,8 @@
     python -m ldm.sample --unet runs/palette --task sr --init-image LOW.png --prompt "..."   # 8 or 16 px in
     python -m ldm.sample --prompt "..." --upscaler runs/sr64 [--upscaler runs/sr128]   # a cascade
     python -m ldm.sample --from-diffusers SD-INPAINT --task inpaint --init-image I.png --mask M.png --prompt "..."
+    python -m ldm.sample --prior runs/prior --decoder runs/decoder --prompt "..."   # unCLIP: prior + decoder
+    python -m ldm.sample --decoder runs/decoder --variations image.png --n 8       # image variations
 
 The grid has one row per prompt (or ``--class``: a class-conditional UNet, all its classes when none is
 given) and ``--n`` images a row; ``--images DIR`` also writes each image.
@@ -32,6 +34,7 @@ from pathlib import Path
 
 
 from ldm.data.folder import read_text_utf8
+from ldm import unclip_decoder
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.image2image import SAMPLE_AUG_LEVEL, TASKS, generate_cascade, task_inputs
@@ -148,6 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     out.add_argument("--out", default="grid.png", help="grid PNG, a row per prompt (default grid.png)")
     out.add_argument("--images", default=None, metavar="DIR", help="also write each image into DIR")
     out.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
+    unclip_decoder.add_arguments(p)
     return p
 
 
@@ -193,6 +197,9 @@ def parse_lora(spec: str) -> tuple[str, float]:
 def run(args: argparse.Namespace) -> int:
     check_args(args)
     device = resolve_device(args.device)
+    if unclip_decoder.wanted(args):
+        return write_outputs(args, *unclip_decoder.run_sample(args, device, lambda pipe: read_prompts(args, pipe)),
+                             "unCLIP")
     if args.from_diffusers is not None:
         pipe = Pipeline.from_pretrained(args.from_diffusers, text_encoder=args.text_encoder, device=device)
     else:
@@ -245,20 +252,24 @@ def run(args: argparse.Namespace) -> int:
         images = generate(pipe, prompts, classes=classes, n=args.n, steps=steps, sampler=sampler, cfg=cfg,
                           seed=args.seed, batch_size=args.batch_size, spacing=args.spacing, init_image=init,
                           strength=strength, progress=args.progress, guide=guide)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image_grid(images, nrow=args.n, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)
     rows = prompts or [f"class {c}" for c in classes or []] or ["(unconditional)"]
     guided = pipe.conditional or classes is not None
-    print(f"sample: wrote {out}: {len(rows)} row(s) of {args.n}, {images.shape[-1]} x {images.shape[-2]} each "
-          f"({sampler}, {steps} steps, cfg {cfg if guided else 'n/a'}, seed {args.seed})", file=sys.stderr)
+    return write_outputs(args, images, rows, args.n, f"{sampler}, {steps} steps, cfg {cfg if guided else 'n/a'}")
+
+
+def write_outputs(args: argparse.Namespace, images, rows: list[str], per_row: int, how: str) -> int:
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_grid(images, nrow=per_row, scale=max(1, GRID_SIDE // images.shape[-1])).save(out)
+    print(f"sample: wrote {out}: {len(rows)} row(s) of {per_row}, {images.shape[-1]} x {images.shape[-2]} each "
+          f"({how}, seed {args.seed})", file=sys.stderr)
     for i, text in enumerate(rows):
         print(f"  row {i}: {text}", file=sys.stderr)
     if args.images:
         folder = Path(args.images)
         folder.mkdir(parents=True, exist_ok=True)
         for k in range(len(images)):
-            image_grid(images[k:k + 1], pad=0).save(folder / f"{k:04d}_{slug(rows[k // args.n])}.png")
+            image_grid(images[k:k + 1], pad=0).save(folder / f"{k:04d}_{slug(rows[k // per_row])}.png")
         print(f"sample: wrote {len(images)} images to {folder}/", file=sys.stderr)
     return 0
 

@@ -179,3 +179,68 @@ def generate_unclip(pipe, clip, prior, prompts: list[str], *, n: int = 1, prior_
 def variations(pipe, clip, images: torch.Tensor, *, n: int = 1, **kwargs) -> torch.Tensor:
     """Images (B, 3, H, W) in [-1, 1] -> ``n`` new images of each one's CLIP embedding: (B * n, 3, H, W)."""
     return decode_embeddings(pipe, embed_images(clip, images), n=n, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------- ldm.sample
+def add_arguments(p) -> None:
+    """``ldm.sample``'s unCLIP flags."""
+    g = p.add_argument_group("unCLIP (ldm.unclip_decoder)")
+    g.add_argument("--decoder", default=None, metavar="DIR",
+                   help=f"an unCLIP decoder (train_unet --cond {COND}); draws from CLIP image embeddings, which "
+                        "--prior samples from the prompts or --variations takes from images")
+    g.add_argument("--prior", default=None, metavar="DIR", help="with --decoder: the diffusion prior (train_prior)")
+    g.add_argument("--variations", action="append", default=None, metavar="IMAGE",
+                   help="with --decoder: draw --n new images of this image's CLIP embedding (repeat for more)")
+    g.add_argument("--prior-steps", type=int, default=20, help="sampler steps of the prior (default 20)")
+
+
+def wanted(args) -> bool:
+    return bool(args.decoder or args.prior or args.variations)
+
+
+def check_args(args) -> None:
+    if args.decoder is None:
+        raise InputError(f"--{'prior' if args.prior else 'variations'} needs --decoder DIR (an unCLIP decoder)")
+    if bool(args.prior) == bool(args.variations):
+        raise InputError("--decoder draws either from the prompts through --prior DIR or from --variations IMAGE; "
+                         "give one of them")
+    has_prompts = bool(args.prompt or args.prompts_file)
+    if args.prior and not has_prompts:
+        raise InputError("--prior needs prompts: pass --prompt TEXT or --prompts-file FILE")
+    if args.variations and has_prompts:
+        raise InputError("--variations draws from the image alone; it takes no --prompt")
+    clash = [f for f, on in (("--task", args.task), ("--init-image", args.init_image), ("--clip", args.clip),
+                             ("--upscaler", args.upscaler), ("--class", args.classes), ("--lora", args.lora),
+                             ("--from-diffusers", args.from_diffusers)) if on]
+    if clash:
+        raise InputError(f"--decoder takes no {clash[0]}")
+    if args.prior_steps <= 0:
+        raise InputError(f"--prior-steps must be positive, got {args.prior_steps}")
+    for path in args.variations or []:
+        if not Path(path).is_file():
+            raise InputError(f"--variations: file not found: {path}")
+
+
+def run_sample(args, device, prompts_of) -> tuple[torch.Tensor, list[str], int]:
+    """-> (images (R * per_row, 3, H, W), row labels, per_row) for ``ldm.sample``; ``prompts_of(pipe)``
+    reads --prompt / --prompts-file."""
+    from ldm.pipeline import load_image
+
+    check_args(args)
+    pipe, clip = load_decoder(args.decoder, device)
+    kwargs = dict(steps=args.steps or pipe.defaults.steps, sampler=args.sampler or pipe.defaults.sampler,
+                  cfg=args.cfg if args.cfg is not None else pipe.defaults.cfg, batch_size=args.batch_size,
+                  spacing=args.spacing, progress=args.progress)
+    if args.prior:
+        from ldm.unclip import load_prior
+
+        prior, _ = load_prior(args.prior)
+        prompts = prompts_of(pipe)
+        images = generate_unclip(pipe, clip, prior, prompts, n=args.n, prior_steps=args.prior_steps, seed=args.seed,
+                                 **kwargs)
+        return images, prompts, args.n
+    sources = torch.stack([load_image(p, pipe.resolution, what=f"--variations {p}") for p in args.variations])
+    drawn = variations(pipe, clip, sources, n=args.n, seed=args.seed, **kwargs)  # (S * n, 3, H, W)
+    rows = [torch.cat([src[None], drawn[i * args.n:(i + 1) * args.n]]) for i, src in enumerate(sources)]
+    labels = [f"variations of {Path(p).name} (first)" for p in args.variations]
+    return torch.cat(rows), labels, args.n + 1
