@@ -78,6 +78,12 @@ def check_train_config(c) -> None:
                                    ("--eval", c.eval)) if on]
     if clash:
         raise InputError(f"--cond {COND} conditions on the CLIP image embedding alone; it takes no {clash[0]}")
+    from ldm.clip import load_clip
+
+    try:  # before the output folder or the cache is touched
+        load_clip(c.clip, load_text_encoder=False)
+    except InputError as e:
+        raise InputError(f"--clip: {e}") from None
 
 
 def source_images(dataset, n: int) -> torch.Tensor:
@@ -133,8 +139,9 @@ def decoder_fields(width: int) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- sampling
-def load_decoder(folder: str | Path, device="cpu", clip_dir: str | Path | None = None):
-    """-> (ldm.Pipeline of the decoder, its CLIP). An InputError says when ``folder`` is not a decoder."""
+def load_decoder(folder: str | Path, device="cpu", clip_dir: str | Path | None = None, text: bool = False):
+    """-> (ldm.Pipeline of the decoder, its CLIP; ``text``: with the CLIP's text encoder, which the prior
+    needs). An InputError says when ``folder`` is not a decoder."""
     from ldm.clip import load_clip
     from ldm.pipeline import Pipeline
 
@@ -145,7 +152,7 @@ def load_decoder(folder: str | Path, device="cpu", clip_dir: str | Path | None =
     clip_dir = clip_dir or pipe.meta.get("clip")
     if clip_dir is None:
         raise InputError(f"--decoder {folder}: unet.json records no CLIP folder")
-    return pipe, load_clip(clip_dir, device)
+    return pipe, load_clip(clip_dir, device, load_text_encoder=text)
 
 
 @torch.no_grad()
@@ -227,7 +234,7 @@ def run_sample(args, device, prompts_of) -> tuple[torch.Tensor, list[str], int]:
     from ldm.pipeline import load_image
 
     check_args(args)
-    pipe, clip = load_decoder(args.decoder, device)
+    pipe, clip = load_decoder(args.decoder, device, text=bool(args.prior))
     kwargs = dict(steps=args.steps or pipe.defaults.steps, sampler=args.sampler or pipe.defaults.sampler,
                   cfg=args.cfg if args.cfg is not None else pipe.defaults.cfg, batch_size=args.batch_size,
                   spacing=args.spacing, progress=args.progress)
