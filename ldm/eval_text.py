@@ -5,6 +5,8 @@
     python -m ldm.eval_text --n 500 --cfg 4 --json scores.json --grid samples.png
     python -m ldm.eval_text --clip runs/clip      # also the CLIP score: cosine of image and prompt embeddings
     python -m ldm.eval_text --unet runs/uncond --guide-clip runs/clip-noisy --clip-guidance 30 --clip runs/clip
+    python -m ldm.eval_text --decoder runs/decoder --prior runs/prior       # unCLIP: prior + decoder
+    python -m ldm.eval_text --decoder runs/decoder --variations            # variations keep the source's attributes
 
 One image per held-out prompt (``eval_prompts``: attributes the training images were drawn
 from, in captions of the training templates), read back with the dataset's own attribute
@@ -23,6 +25,7 @@ import sys
 from pathlib import Path
 
 
+from ldm import unclip_decoder
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
@@ -73,10 +76,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "unconditional UNet can be scored too")
     p.add_argument("--clip-guidance", type=float, default=10.0, metavar="S",
                    help="with --guide-clip: the guidance scale (default 10)")
+    unclip_decoder.add_eval_arguments(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.decoder or args.prior or args.variations:
+        return unclip_decoder.run_eval(args)
     if args.n <= 0 or args.batch_size <= 0 or args.steps <= 0:
         raise InputError("--n, --batch-size and --steps must be positive")
     runs = [parse_run(r, args.steps) for r in (args.sampler or [f"{DEFAULT_SAMPLER}:{DEFAULT_STEPS}"])]

@@ -251,3 +251,88 @@ def run_sample(args, device, prompts_of) -> tuple[torch.Tensor, list[str], int]:
     rows = [torch.cat([src[None], drawn[i * args.n:(i + 1) * args.n]]) for i, src in enumerate(sources)]
     labels = [f"variations of {Path(p).name} (first)" for p in args.variations]
     return torch.cat(rows), labels, args.n + 1
+
+
+# --------------------------------------------------------------------------------------------- scores
+def evaluate_unclip(pipe, clip, prior, n: int, *, seed: int = 0, prior_steps: int = 20, **kwargs) -> dict:
+    """eval_text's first ``n`` held-out prompts through the prior and the decoder, one image each, read
+    back by the attribute reader: {"n", "seconds", share per attribute and combination}."""
+    from ldm.metrics import PROMPT_SEED, score
+    from ldm.data.shapes import eval_prompts
+
+    pairs = eval_prompts(n, PROMPT_SEED)
+    t0 = time.perf_counter()
+    images = generate_unclip(pipe, clip, prior, [p for _, p in pairs], n=1, prior_steps=prior_steps, seed=seed,
+                             **kwargs)  # (n, 3, H, W)
+    shares, _ = score(images, [a for a, _ in pairs])
+    return {"n": n, "seconds": round(time.perf_counter() - t0, 1), **shares, "images": images}
+
+
+def evaluate_variations(pipe, clip, n: int, *, seed: int = 0, **kwargs) -> dict:
+    """The renders of eval_text's first ``n`` held-out prompts' attributes as sources, one variation each:
+    the share of variations whose reader-read attributes match the source's."""
+    from ldm.data.shapes import eval_prompts, render, to_tensor
+    from ldm.metrics import PROMPT_SEED, score
+
+    pairs = eval_prompts(n, PROMPT_SEED)
+    sources = torch.stack([to_tensor(render(a, pipe.resolution)) for a, _ in pairs])  # (n, 3, H, W)
+    t0 = time.perf_counter()
+    images = variations(pipe, clip, sources, n=1, seed=seed, **kwargs)  # (n, 3, H, W)
+    shares, _ = score(images, [a for a, _ in pairs])
+    return {"n": n, "seconds": round(time.perf_counter() - t0, 1), **shares, "images": images, "sources": sources}
+
+
+def add_eval_arguments(p) -> None:
+    """``ldm.eval_text``'s unCLIP flags."""
+    g = p.add_argument_group("unCLIP (ldm.unclip_decoder)")
+    g.add_argument("--decoder", default=None, metavar="DIR",
+                   help="score an unCLIP decoder (train_unet --cond clip-image) instead of --unet: through --prior, "
+                        "or its --variations of the held-out prompts' renders")
+    g.add_argument("--prior", default=None, metavar="DIR", help="with --decoder: the prior (train_prior)")
+    g.add_argument("--variations", action="store_true",
+                   help="with --decoder: one variation of each held-out scene's render, scored against its attributes")
+
+
+def run_eval(args) -> int:
+    """``ldm.eval_text --decoder DIR (--prior DIR | --variations)``: one table row, --json, --grid."""
+    import json
+
+    from ldm.distributed import resolve_device
+    from ldm.metrics import ATTRIBUTES, HEADLINE
+    from ldm.runlog import image_grid
+
+    if args.decoder is None:
+        raise InputError(f"--{'prior' if args.prior else 'variations'} needs --decoder DIR (an unCLIP decoder)")
+    if bool(args.prior) == bool(args.variations):
+        raise InputError("--decoder is scored either through --prior DIR or with --variations; give one of them")
+    if args.n <= 0 or args.batch_size <= 0 or args.steps <= 0:
+        raise InputError("--n, --batch-size and --steps must be positive")
+    if args.guide_clip or args.sampler and len(args.sampler) > 1:
+        raise InputError("--decoder takes no --guide-clip and one --sampler NAME[:STEPS]")
+    sampler, _, steps = (args.sampler[0] if args.sampler else f"unipc:{args.steps}").partition(":")
+    device = resolve_device(args.device)
+    pipe, clip = load_decoder(args.decoder, device, text=bool(args.prior))
+    cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
+    kwargs = dict(steps=int(steps or args.steps), sampler=sampler, cfg=cfg, seed=args.seed, batch_size=args.batch_size)
+    if args.prior:
+        from ldm.unclip import load_prior
+
+        r = evaluate_unclip(pipe, clip, load_prior(args.prior)[0], args.n, **kwargs)
+    else:
+        r = evaluate_variations(pipe, clip, args.n, **kwargs)
+    if args.grid:
+        shown = r["images"][:20] if args.prior else torch.cat([r["sources"][:20], r["images"][:20]])
+        image_grid(shown, nrow=20).save(args.grid)
+    r = {k: v for k, v in r.items() if k not in ("images", "sources")}
+    what = "unCLIP (prior + decoder)" if args.prior else "variations (attributes of the source kept)"
+    print(" ".join(f"{a:>10}" for a in ATTRIBUTES) + f" | {HEADLINE:>21} {'all':>6} | seconds")
+    print(" ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
+          + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
+    print(f"{what}: {args.n} held-out prompts of the built-in shapes, {sampler} {kwargs['steps']} steps, cfg {cfg}, "
+          f"seed {args.seed}, decoder {args.decoder}")
+    if args.json:
+        path = Path(args.json)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"decoder": str(args.decoder), "prior": args.prior, "what": what,
+                                    "sampler": sampler, "cfg": cfg, **r}, indent=2) + "\n")
+    return 0
