@@ -195,3 +195,19 @@ def test_train_unet_clip_image_errors_are_one_line(argv, message, tmp_path, caps
                            + UNET_FLAGS + argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("train_unet: error:") and message in err[0], err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variations"], "--variations needs --decoder DIR"),
+    (["--prior", "p"], "--prior needs --decoder DIR"),
+    (["--decoder", "d"], "give one of them"),
+    (["--decoder", "d", "--prior", "p", "--variations"], "give one of them"),
+    (["--decoder", "d", "--variations", "--n", "0"], "must be positive"),
+    (["--decoder", "/nonexistent/d", "--variations"], "checkpoint folder not found"),
+])
+def test_eval_text_unclip_errors_are_one_line(argv, message, capsys):
+    from ldm import eval_text
+
+    assert eval_text.main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("eval_text: error:") and message in err[0], err
