@@ -320,6 +320,13 @@ def run_eval(args) -> int:
         r = evaluate_unclip(pipe, clip, load_prior(args.prior)[0], args.n, **kwargs)
     else:
         r = evaluate_variations(pipe, clip, args.n, **kwargs)
+    if args.clip:  # the CLIP score of eval_text --clip: each image against its prompt (its source's caption)
+        from ldm.clip import clip_score, load_clip
+        from ldm.data.shapes import eval_prompts
+        from ldm.metrics import PROMPT_SEED
+
+        prompts = [t for _, t in eval_prompts(args.n, PROMPT_SEED)]
+        r["clip_score"] = clip_score(load_clip(args.clip, device), r["images"], prompts).mean().item()
     if args.grid:
         shown = r["images"][:20] if args.prior else torch.cat([r["sources"][:20], r["images"][:20]])
         image_grid(shown, nrow=20).save(args.grid)
@@ -327,7 +334,8 @@ def run_eval(args) -> int:
     what = "unCLIP (prior + decoder)" if args.prior else "variations (attributes of the source kept)"
     print(" ".join(f"{a:>10}" for a in ATTRIBUTES) + f" | {HEADLINE:>21} {'all':>6} | seconds")
     print(" ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
-          + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
+          + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}"
+          + (f" | CLIP score {r['clip_score']:.4f}" if "clip_score" in r else ""))
     print(f"{what}: {args.n} held-out prompts of the built-in shapes, {sampler} {kwargs['steps']} steps, cfg {cfg}, "
           f"seed {args.seed}, decoder {args.decoder}")
     if args.json:
