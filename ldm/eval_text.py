@@ -89,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     if args.cfg is not None and args.cfg < 0:
         raise InputError(f"--cfg must be >= 0 (1: no guidance), got {args.cfg}")
     device = resolve_device(args.device)
+    unclip_decoder.refuse_as_unet(args.unet)
     pipe = load_pipeline(args.unet, args.vae, args.text_encoder, device)
     guide = None
     if args.guide_clip is not None:

@@ -203,6 +203,7 @@ def run(args: argparse.Namespace) -> int:
     if args.from_diffusers is not None:
         pipe = Pipeline.from_pretrained(args.from_diffusers, text_encoder=args.text_encoder, device=device)
     else:
+        unclip_decoder.refuse_as_unet(args.unet)
         pipe = Pipeline.from_pretrained(args.unet, vae=args.vae, text_encoder=args.text_encoder, device=device)
     for spec in args.lora:
         path, scale = parse_lora(spec)

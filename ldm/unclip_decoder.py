@@ -344,3 +344,17 @@ def run_eval(args) -> int:
         path.write_text(json.dumps({"decoder": str(args.decoder), "prior": args.prior, "what": what,
                                     "sampler": sampler, "cfg": cfg, **r}, indent=2) + "\n")
     return 0
+
+
+def refuse_as_unet(folder) -> None:
+    """InputError when ``--unet folder`` is a decoder, which takes embeddings, not prompts."""
+    import json
+
+    path = Path(folder) / "unet.json"
+    try:
+        conditioning = json.loads(path.read_text()).get("conditioning") if path.is_file() else None
+    except (OSError, ValueError):
+        return  # the loader names what is wrong with the file
+    if conditioning == COND:
+        raise InputError(f"--unet {folder} is an unCLIP decoder (it draws CLIP image embeddings): pass it as "
+                         "--decoder with --prior DIR or --variations")

@@ -155,6 +155,11 @@ def test_train_save_load_and_sample_end_to_end(clip_dir, tmp_path, capsys):
     assert len(list((tmp_path / "each").glob("*.png"))) == 4
     capsys.readouterr()
 
+    # a decoder given as a text UNet is refused by name
+    assert sample.main(["--unet", str(out), "--prompt", "a red circle", "--out", str(grid)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is an unCLIP decoder" in err[0] and "--decoder" in err[0], err
+
     # a decoder folder that says it is a text UNet is refused by name
     text = tmp_path / "text"
     shutil.copytree(out, text)
