@@ -3,9 +3,14 @@
     python -m ldm.eval_text                                       # runs/unet, 200 held-out prompts, DPM++ 20 steps
     python -m ldm.eval_text --sampler dpmpp_2m:20 --sampler ddpm:1000    # the two samplers on the same prompts
     python -m ldm.eval_text --n 500 --cfg 4 --json scores.json --grid samples.png
+    python -m ldm.eval_text --split "held-out wording" --split noisy   # two of the four splits
 
-One image per held-out prompt (``eval_prompts``: attributes the training images were drawn
-from, in captions of the training templates), read back with the dataset's own attribute
+Four splits of prompts (``ldm.data.wording.split_prompts``), each on its own line, all scenes from the
+held-out image stream: "in-distribution" (the training templates, combinations seen in training),
+"held-out wording" (eval-only synonyms and sentence frames), "held-out combinations" (the (shape,
+colour, position) triples the training split never renders, in the templates) and "noisy" (training
+words with eval-only style phrases, requests, second sentences, other clause orders, capitals,
+punctuation). One image per prompt, read back with the dataset's own attribute
 reader (``read_attributes``); the scoring is ``ldm.metrics.evaluate_prompts``. Reported: the share
 of images whose shape, colour, size, position
 and background match the prompt, each on its own; the headline "shape+colour+position" (all
@@ -21,6 +26,7 @@ import sys
 from pathlib import Path
 
 
+from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
@@ -50,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--vae", default=None, metavar="DIR", help="VAE folder (default: the one unet.json records)")
     p.add_argument("--text-encoder", default=None, metavar="PATH",
                    help="text encoder folder (default: the one unet.json records)")
-    p.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out prompts, one image each (default {DEFAULT_N})")
+    p.add_argument("--n", type=int, default=DEFAULT_N,
+                   help=f"prompts per split, one image each (default {DEFAULT_N})")
+    p.add_argument("--split", action="append", default=None, choices=EVAL_SPLITS, metavar="NAME",
+                   help=f"prompt split to score; repeat for several (default: all of {', '.join(EVAL_SPLITS)})")
     p.add_argument("--sampler", action="append", default=None, metavar="NAME[:STEPS]",
                    help=f"sampler and steps; repeat to compare on the same prompts and noise "
                         f"(default {DEFAULT_SAMPLER}:{DEFAULT_STEPS}; names: {', '.join(SAMPLERS)})")
@@ -78,19 +87,24 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"{Path(args.unet) / 'unet.json'} describes an unconditional UNet; "
                           "eval_text scores text-conditional models")
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
+    splits = list(dict.fromkeys(args.split or EVAL_SPLITS))
     results = []
-    print(f"{'sampler':>10} {'steps':>5} | " + " ".join(f"{a:>10}" for a in ATTRIBUTES)
+    print(f"{'split':>21} {'sampler':>10} {'steps':>5} | " + " ".join(f"{a:>10}" for a in ATTRIBUTES)
           + f" | {HEADLINE:>21} {'all':>6} | seconds")
-    for i, (sampler, steps) in enumerate(runs):
-        r = evaluate_prompts(pipe, args.n, sampler=sampler, steps=steps, cfg=cfg, seed=args.seed,
-                             batch_size=args.batch_size, progress=args.progress, return_images=i == 0)
-        if i == 0 and args.grid:
-            image_grid(r["images"], nrow=20).save(args.grid)
-        r.pop("images", None)
-        results.append(r)
-        print(f"{sampler:>10} {steps:>5} | " + " ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
-              + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
-    print(f"{args.n} held-out prompts of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}")
+    for split in splits:
+        pairs = split_prompts(split, args.n)
+        for sampler, steps in runs:
+            first = not results
+            r = evaluate_prompts(pipe, args.n, sampler=sampler, steps=steps, cfg=cfg, seed=args.seed,
+                                 batch_size=args.batch_size, progress=args.progress, return_images=first,
+                                 prompts=pairs)
+            if first and args.grid:
+                image_grid(r["images"], nrow=20).save(args.grid)
+            r.pop("images", None)
+            results.append({"split": split, **r})
+            print(f"{split:>21} {sampler:>10} {steps:>5} | " + " ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
+                  + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
+    print(f"{args.n} prompts per split of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}")
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

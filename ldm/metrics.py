@@ -104,8 +104,10 @@ def score(images: torch.Tensor, attributes: list[dict]) -> tuple[dict, list[dict
 
 def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER, steps: int = DEFAULT_STEPS,
                      cfg: float = DEFAULT_CFG, seed: int = 0, batch_size: int = 100, spacing: str | None = None,
-                     progress: bool = False, return_images: bool = False) -> dict:
-    """Sample the first ``n`` held-out prompts once each with ``pipe`` (a text-conditional
+                     progress: bool = False, return_images: bool = False,
+                     prompts: list[tuple[dict, str]] | None = None) -> dict:
+    """Sample the first ``n`` held-out prompts (``prompts``: these (attributes, prompt) pairs, e.g. an
+    ``ldm.data.wording.split_prompts`` split, instead) once each with ``pipe`` (a text-conditional
     ``ldm.Pipeline`` with its encoder) and score them. -> {"n", "sampler", "steps", "cfg",
     "seed", "seconds", per-attribute shares, HEADLINE, "all", "misses" (the first few wrong images)}
     plus "images" (N, 3, H, W) with ``return_images``."""
@@ -113,7 +115,8 @@ def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER
         raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")
     if n <= 0:
         raise ValueError(f"evaluate_prompts: n must be positive, got {n}")
-    pairs = eval_prompts(n, PROMPT_SEED)
+    pairs = eval_prompts(n, PROMPT_SEED) if prompts is None else list(prompts)[:n]
+    n = len(pairs)
     prompts = [text for _, text in pairs]
     t0 = time.perf_counter()
     images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,

@@ -61,6 +61,7 @@ class TrainConfig:
     vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution
     data: str | None = None  # an image folder, or "digits" (ldm.data.digits); None: the built-in shapes
     caption_column: str = "text"
+    captions: str = "varied"  # the built-in shapes' captions: "templates" or "varied" (ldm.data.wording)
     cache_images: int = 10_000  # ~6300 distinct captions: the text encoder's share of the cache time
     cache_dir: str | None = None  # None: OUT/cache
     workers: int = 0  # data loader processes while caching
@@ -118,7 +119,7 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond",
+RUN_FIELDS = ("vae", "data", "caption_column", "captions", "cache_images", "text", "text_encoder", "cfg_drop", "class_cond",
               "preset", "unet_override", "prediction", "schedule", "min_snr_gamma", "t_focus", "t_focus_mean",
               "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed")
@@ -235,7 +236,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     resolution = int(vae.resolution)
     latent_shape = vae.latent_shape()
     try:
-        dataset = open_dataset(c.data, resolution, seed=DATA_SEED, caption_column=c.caption_column)
+        dataset = open_dataset(c.data, resolution, seed=DATA_SEED, caption_column=c.caption_column,
+                               captions=c.captions)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     n_cache = min(c.cache_images, len(dataset))

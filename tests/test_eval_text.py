@@ -14,6 +14,7 @@ from t2i_helpers import RESOLUTION, shared_assets
 from ldm import eval_text, metrics
 from ldm.checkpoint import load_json, save_json, save_model
 from ldm.data import SHAPES, ShapesDataset, eval_prompts, render, to_tensor
+from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.metrics import ATTRIBUTES, HEADLINE, evaluate_prompts, score
 from ldm.pipeline import load_pipeline
 from ldm.unet import UNet, UNetConfig
@@ -73,7 +74,8 @@ def test_each_prompt_is_judged_against_its_own_attributes(monkeypatch):
 
 
 def test_cli_compares_samplers_on_the_same_prompts_and_noise(assets, tmp_path, capsys):
-    rc = eval_text.main(["--unet", str(assets["unet"]), "--n", "6", "--sampler", "dpmpp_2m:3", "--sampler", "ddim:4",
+    rc = eval_text.main(["--unet", str(assets["unet"]), "--n", "6", "--split", "in-distribution",
+                         "--sampler", "dpmpp_2m:3", "--sampler", "ddim:4",
                          "--sampler", "dpmpp_2m:3", "--json", str(tmp_path / "s.json"),
                          "--grid", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
@@ -90,6 +92,28 @@ def test_cli_compares_samplers_on_the_same_prompts_and_noise(assets, tmp_path, c
     assert {k: runs[0][k] for k in same} == {k: runs[2][k] for k in same}  # same prompts, noise, sampler
     assert "dpmpp_2m     3" in out and "ddim     4" in out
     assert Image.open(tmp_path / "g.png").size == (6 * (RESOLUTION + 2) + 2, RESOLUTION + 4)
+
+
+def test_cli_reports_each_split_on_its_own_line(assets, tmp_path, capsys, monkeypatch):
+    asked = []
+    real = metrics.generate
+
+    def spy(pipe, prompts, **kw):
+        asked.append(list(prompts))
+        return real(pipe, prompts, **kw)
+
+    monkeypatch.setattr(metrics, "generate", spy)
+    assert eval_text.main(["--unet", str(assets["unet"]), "--n", "3", "--sampler", "ddim:2",
+                           "--json", str(tmp_path / "s.json")]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "s.json").read_text())["runs"]
+    assert [r["split"] for r in runs] == list(EVAL_SPLITS) and all(r["n"] == 3 for r in runs)
+    assert asked == [[p for _, p in split_prompts(name, 3)] for name in EVAL_SPLITS]
+    lines = [line for line in out.splitlines() if "ddim     2" in line]
+    assert [line.split("ddim")[0].strip() for line in lines] == list(EVAL_SPLITS)
+    with pytest.raises(SystemExit):
+        eval_text.main(["--unet", str(assets["unet"]), "--split", "easy"])
+    assert "argument --split: invalid choice: 'easy'" in capsys.readouterr().err
 
 
 def test_scores_are_those_of_the_returned_images(assets):
