@@ -29,11 +29,14 @@ from pathlib import Path
 from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
-from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
+from ldm.metrics import ATTRIBUTES, COMBINED, DEFAULT_N, HEADLINE, evaluate_prompts, score
 from ldm.pipeline import load_pipeline
 from ldm.pretrained import DEFAULT_SAMPLER, DEFAULT_STEPS
+from ldm.prompt_sheet import prompt_sheet
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
+
+SHEET_PER_SPLIT = 3  # images of each split on the --sheet picture
 
 
 def parse_run(text: str, steps: int) -> tuple[str, int]:
@@ -47,6 +50,15 @@ def parse_run(text: str, steps: int) -> tuple[str, int]:
     if count <= 0:
         raise InputError(f"--sampler {text!r}: steps must be positive")
     return name, count
+
+
+def sheet_rows(split: str, images, pairs: list[tuple[dict, str]]) -> list[dict]:
+    """--sheet lines: each image with its prompt and the reader's shape, colour and position."""
+    _, seen = score(images, [a for a, _ in pairs])
+    group = COMBINED[HEADLINE]
+    return [{"image": img, "split": split, "prompt": text, "read": " ".join(s[a] for a in group),
+             "right": all(s[a] == want[a] for a in group)}
+            for img, (want, text), s in zip(images, pairs, seen, strict=True)]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (default: cuda when available)")
     p.add_argument("--json", default=None, metavar="PATH", help="also write the scores as JSON to PATH")
     p.add_argument("--grid", default=None, metavar="PATH", help="also write the first run's images as a grid PNG")
+    p.add_argument("--sheet", default=None, metavar="PATH",
+                   help=f"also write a labelled PNG: the first {SHEET_PER_SPLIT} images of each split beside their "
+                        "prompts and what the reader saw")
     p.add_argument("--progress", action="store_true", help="show the sampler's progress bar")
     return p
 
@@ -88,23 +103,28 @@ def run(args: argparse.Namespace) -> int:
                           "eval_text scores text-conditional models")
     cfg = args.cfg if args.cfg is not None else pipe.defaults.cfg
     splits = list(dict.fromkeys(args.split or EVAL_SPLITS))
-    results = []
+    results, sheet = [], []
     print(f"{'split':>21} {'sampler':>10} {'steps':>5} | " + " ".join(f"{a:>10}" for a in ATTRIBUTES)
           + f" | {HEADLINE:>21} {'all':>6} | seconds")
     for split in splits:
         pairs = split_prompts(split, args.n)
-        for sampler, steps in runs:
+        for k, (sampler, steps) in enumerate(runs):
             first = not results
             r = evaluate_prompts(pipe, args.n, sampler=sampler, steps=steps, cfg=cfg, seed=args.seed,
-                                 batch_size=args.batch_size, progress=args.progress, return_images=first,
-                                 prompts=pairs)
+                                 batch_size=args.batch_size, progress=args.progress,
+                                 return_images=first or (k == 0 and args.sheet is not None), prompts=pairs)
             if first and args.grid:
                 image_grid(r["images"], nrow=20).save(args.grid)
+            if k == 0 and args.sheet:
+                sheet += sheet_rows(split, r["images"][:SHEET_PER_SPLIT], pairs[:SHEET_PER_SPLIT])
             r.pop("images", None)
             results.append({"split": split, **r})
             print(f"{split:>21} {sampler:>10} {steps:>5} | " + " ".join(f"{100 * r[a]:>9.1f}%" for a in ATTRIBUTES)
                   + f" | {100 * r[HEADLINE]:>20.1f}% {100 * r['all']:>5.1f}% | {r['seconds']:.1f}")
     print(f"{args.n} prompts per split of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}")
+    if args.sheet:
+        Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
+        prompt_sheet(sheet).save(args.sheet)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
