@@ -156,7 +156,7 @@ def test_sheet_shows_each_image_beside_its_label(seed):
         drawn = torch.from_numpy(np.asarray(sheet.crop((pad, top, pad + side, top + side))).copy())
         want = ((data[k]["image"] + 1) * 127.5).round().permute(1, 2, 0)
         assert torch.equal(drawn[::prompt_sheet.SCALE, ::prompt_sheet.SCALE], want.to(drawn.dtype))
-        text = torch.from_numpy(np.asarray(sheet.crop((side + 2 * pad, top, sheet.width, top + side))).reshape(-1, 3).astype(np.int64))
+        text = np.asarray(sheet.crop((side + 2 * pad, top, sheet.width, top + side))).reshape(-1, 3).astype(np.int64)
         assert (text.sum(1) < 600).any()  # something is written beside it
     with pytest.raises(ValueError, match="no rows"):
         prompt_sheet.prompt_sheet([])

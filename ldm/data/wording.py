@@ -10,9 +10,10 @@ a style phrase, a request or a second sentence, sometimes the dataset's plain te
 ``held_out(attrs)`` (``ldm.data.shapes``) is the documented rule that removes attribute combinations
 from training: a scene whose (shape, colour, position) has ``(shape index + colour index + position
 index) % 9 == 4`` (indices into ``SHAPES``, ``COLOURS``, ``POSITIONS``) is never rendered for the
-training split (``ShapesDataset(holdout=True)``, the training split's default). That is 24 of the 216 triples (11%); every (shape, colour), (shape, position) and
-(colour, position) pair still occurs in training with other values of the third attribute, so the
-held-out triples are new combinations of known parts.
+training split (``ShapesDataset(holdout=True)``, the training split's default). That is 24 of the 216
+triples (11%); every (shape, colour), (shape, position) and (colour, position) pair still occurs in
+training with other values of the third attribute, so the held-out triples are new combinations of
+known parts.
 
 ``split_prompts(name, n)`` gives ``n`` (attributes, prompt) pairs of one of ``EVAL_SPLITS``, all
 drawn from the ``"eval"`` image stream:
