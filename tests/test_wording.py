@@ -18,6 +18,8 @@ from ldm.data.wording import (
     SHAPE_WORDS,
     SIZE_WORDS,
     TRAIN,
+    DROP_P,
+    TEMPLATE_SHARE,
     _phrases,
     eval_only_words,
     split_prompts,
@@ -102,3 +104,16 @@ def test_varied_captions_state_every_attribute_in_training_words(training):
     assert [again[int(i)]["text"] for i in picks] == [captions[int(i)] for i in picks]
     with pytest.raises(ValueError, match="caption style"):
         ShapesDataset(16, captions="fancy")
+
+
+def test_dropped_captions_leave_out_one_attribute_at_most(seed):
+    ds = ShapesDataset(16, length=1500, seed=seed, captions="varied-drop")
+    missing = []
+    for i in range(1500):
+        a, text = ds.attributes(i), ds.caption(i).lower()
+        unsaid = [k for k, table in TABLES.items() if not any(p in text for p in table[a[k]][TRAIN] + (a[k],))]
+        assert len(unsaid) <= 1 and "shape" not in unsaid, (unsaid, text)
+        assert "  " not in text and not text.startswith((",", ":")) and ", ," not in text, text
+        missing.append(bool(unsaid))
+    share = sum(missing) / len(missing)  # DROP_P of the 75% that are not template captions
+    assert abs(share - DROP_P * (1 - TEMPLATE_SHARE)) < 0.04, share

@@ -69,7 +69,7 @@ JITTER_SCALE = 0.08  # the side is scaled by up to 1 +- this
 CROSS_ARM = 1 / 3  # arm thickness of the cross, as a fraction of its side
 SUPERSAMPLE = 8  # samples per pixel along each axis when rendering coverage
 SPLITS = {"train": 0, "eval": 1}
-CAPTION_STYLES = ("templates", "varied")  # ShapesDataset(captions=...): see ldm.data.wording
+CAPTION_STYLES = ("templates", "varied", "varied-drop")  # ShapesDataset(captions=...): see ldm.data.wording
 CAPTION_STREAM = 7  # item i's varied caption draws from (seed, split, i, CAPTION_STREAM), apart from its scene
 # The held-out combinations (ldm.data.wording documents the rule): a training scene whose (shape, colour,
 # position) has index sum % HELD_OUT_MODULUS == HELD_OUT_RESIDUE is redrawn, so it is never rendered.
@@ -223,7 +223,8 @@ class ShapesDataset(torch.utils.data.Dataset):
             return caption(attrs)
         from ldm.data.wording import varied_caption  # wording builds on this module
 
-        return varied_caption(attrs, np.random.default_rng([self.seed, SPLITS[self.split], i, CAPTION_STREAM]))
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i, CAPTION_STREAM])
+        return varied_caption(attrs, rng, drop=self.caption_style == "varied-drop")
 
     def __getitem__(self, i: int) -> dict:
         attrs = self.attributes(i)

@@ -107,28 +107,45 @@ TEMPLATE_SHARE = 0.25  # share of varied training captions that stay the dataset
 # chances of each optional extra in a varied training caption: why so often -- every extra is a kind of
 # word the model must learn to ignore, and each is rare enough that most captions stay short
 FILLER_P, STYLE_P, REQUEST_P, SECOND_P, SWAP_P, CAPS_P = 0.3, 0.2, 0.15, 0.15, 0.3, 0.1
+# "varied-drop" captions leave one of size, colour, position or background unsaid this often, so that no
+# attribute's drawing hangs on every other phrase being there
+DROP_P = 0.15
+DROPPABLE = ("size", "colour", "position", "background")
 
 
 def _pick(rng: np.random.Generator, options):
     return options[int(rng.integers(len(options)))]
 
 
-def worded_caption(attrs: dict, rng: np.random.Generator, part: int, *, extras: bool) -> str:
+def worded_caption(attrs: dict, rng: np.random.Generator, part: int, *, extras: bool, drop_p: float = 0.0) -> str:
     """A caption of ``attrs`` in the words of ``part`` (TRAIN or EVAL); ``extras``: maybe add fillers,
-    a style phrase, a request, a second sentence and capitals from the same part."""
+    a style phrase, a request, a second sentence and capitals from the same part; ``drop_p``: the chance
+    that one of ``DROPPABLE`` goes unsaid."""
     colour = _pick(rng, COLOUR_WORDS[attrs["colour"]][part])
     size = _pick(rng, SIZE_WORDS[attrs["size"]][part])
     shape = _pick(rng, SHAPE_WORDS[attrs["shape"]][part])
     adjectives = [size, colour] if rng.random() >= SWAP_P else [colour, size]
     if extras and rng.random() < FILLER_P:
         adjectives.insert(int(rng.integers(len(adjectives) + 1)), _pick(rng, FILLERS[part]))
-    obj = " ".join(adjectives + [shape])
     where = _pick(rng, POSITION_WORDS[attrs["position"]][part])
     bg = _pick(rng, BACKGROUND_FRAMES[part]).format(bg=_pick(rng, BACKGROUND_WORDS[attrs["background"]][part]))
-    text = _articles(_pick(rng, FRAMES[part]).format(obj=obj, where=where, bg=bg))
+    dropped = _pick(rng, DROPPABLE) if drop_p and rng.random() < drop_p else None  # no draw when drop_p is 0
+    if dropped in ("size", "colour"):
+        adjectives.remove(size if dropped == "size" else colour)
+    where, bg = ("" if dropped == "position" else where), ("" if dropped == "background" else bg)
+    obj = " ".join(adjectives + [shape])
+    text = _tidy(_articles(_pick(rng, FRAMES[part]).format(obj=obj, where=where, bg=bg)))
     if extras:
         text = _extras(text, rng, part, (STYLE_P, REQUEST_P, SECOND_P, CAPS_P))
     return text
+
+
+def _tidy(text: str) -> str:
+    """Spaces and punctuation left over where a phrase went unsaid."""
+    text = re.sub(r"\s+", " ", text)
+    text = re.sub(r"\s+([,:])", r"\1", text)
+    text = re.sub(r"([,:])(,)+", r"\1", text)
+    return text.strip(" ,:")
 
 
 def _articles(text: str) -> str:
@@ -149,12 +166,12 @@ def _extras(text: str, rng: np.random.Generator, part: int, chances) -> str:
     return text
 
 
-def varied_caption(attrs: dict, rng: np.random.Generator) -> str:
+def varied_caption(attrs: dict, rng: np.random.Generator, drop: bool = False) -> str:
     """A training caption: training-side words only, seeded by ``rng``; ``TEMPLATE_SHARE`` of them the
-    dataset's own template caption."""
+    dataset's own template caption; ``drop``: ``DROP_P`` of the others leave one attribute unsaid."""
     if rng.random() < TEMPLATE_SHARE:
         return caption(attrs)
-    return worded_caption(attrs, rng, TRAIN, extras=True)
+    return worded_caption(attrs, rng, TRAIN, extras=True, drop_p=DROP_P if drop else 0.0)
 
 
 def noisy_caption(attrs: dict, rng: np.random.Generator) -> str:
