@@ -117,3 +117,26 @@ def test_dropped_captions_leave_out_one_attribute_at_most(seed):
         missing.append(bool(unsaid))
     share = sum(missing) / len(missing)  # DROP_P of the 75% that are not template captions
     assert abs(share - DROP_P * (1 - TEMPLATE_SHARE)) < 0.04, share
+
+
+def test_train_unet_caches_the_varied_captions(tmp_path, seed):
+    import contextlib
+    import io
+
+    from t2i_helpers import make_text_encoder, make_vae, train_flags
+
+    import ldm.train_unet as train_unet
+    from ldm.checkpoint import load_json
+    from ldm.latent_cache import read_cache_key
+
+    vae, encoder = make_vae(tmp_path / "vae", seed), make_text_encoder(tmp_path / "encoder", seed)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        rc = train_unet.main(["--out", str(tmp_path / "unet"), "--text", "--text-encoder", str(encoder),
+                              "--captions", "varied"] + train_flags(vae, 2, seed, cache_images=40))
+    assert rc == 0, err.getvalue()
+    key = read_cache_key(tmp_path / "unet" / "cache" / "text.safetensors")
+    assert key["dataset"]["captions"] == "varied" and key["dataset"]["holdout"] is True
+    assert load_json(tmp_path / "unet" / "unet.json")["dataset"]["captions"] == "varied"
+    want = {ShapesDataset(16, length=40, captions="varied").caption(i) for i in range(40)}
+    assert f"cached {len(want | set(key['val_prompts']) | {''})} distinct captions" in err.getvalue()
