@@ -29,10 +29,10 @@ from pathlib import Path
 from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
-from ldm.metrics import ATTRIBUTES, COMBINED, DEFAULT_N, HEADLINE, evaluate_prompts, score
+from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
 from ldm.pipeline import load_pipeline
 from ldm.pretrained import DEFAULT_SAMPLER, DEFAULT_STEPS
-from ldm.prompt_sheet import prompt_sheet
+from ldm.prompt_sheet import prompt_sheet, sheet_rows
 from ldm.runlog import image_grid
 from ldm.samplers import SAMPLERS
 
@@ -50,15 +50,6 @@ def parse_run(text: str, steps: int) -> tuple[str, int]:
     if count <= 0:
         raise InputError(f"--sampler {text!r}: steps must be positive")
     return name, count
-
-
-def sheet_rows(split: str, images, pairs: list[tuple[dict, str]]) -> list[dict]:
-    """--sheet lines: each image with its prompt and the reader's shape, colour and position."""
-    _, seen = score(images, [a for a, _ in pairs])
-    group = COMBINED[HEADLINE]
-    return [{"image": img, "split": split, "prompt": text, "read": " ".join(s[a] for a in group),
-             "right": all(s[a] == want[a] for a in group)}
-            for img, (want, text), s in zip(images, pairs, seen, strict=True)]
 
 
 def build_parser() -> argparse.ArgumentParser:

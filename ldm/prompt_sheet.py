@@ -12,6 +12,7 @@ import textwrap
 import torch
 from PIL import Image, ImageDraw
 
+from ldm.metrics import COMBINED, HEADLINE, score
 from ldm.runlog import to_uint8_images
 
 SCALE = 3  # image pixels per generated pixel: a 32 x 32 sample becomes 96 x 96
@@ -42,3 +43,12 @@ def prompt_sheet(rows: list[dict]) -> Image.Image:
         if k:
             draw.line([(0, k * height), (sheet.width, k * height)], fill=(200, 200, 200))
     return sheet
+
+
+def sheet_rows(split: str, images, pairs: list[tuple[dict, str]]) -> list[dict]:
+    """``prompt_sheet`` rows: each image with its prompt and the reader's shape, colour and position."""
+    _, seen = score(images, [a for a, _ in pairs])
+    group = COMBINED[HEADLINE]
+    return [{"image": img, "split": split, "prompt": text, "read": " ".join(s[a] for a in group),
+             "right": all(s[a] == want[a] for a in group)}
+            for img, (want, text), s in zip(images, pairs, seen, strict=True)]
