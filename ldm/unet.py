@@ -71,6 +71,10 @@ class UNetConfig:
     # and added to the timestep embedding (the pooled text embedding of Imagen, Saharia et al. 2022).
     # Off in SD 1.x, which sees the text through cross-attention only; nothing to pool without a context.
     pooled_context: bool = False
+    # LayerNorm (learned scale and shift) over each text token before anything reads it: a sentence
+    # encoder's states carry a few outsized dimensions that would otherwise dominate the keys and the pool.
+    # With varied captions (ldm.data.wording) it brought position from 43.5% to 99.5% after 1500 steps.
+    context_norm: bool = False
     # Class-conditional: a learned embedding of the label (num_classes + 1 rows, the last one the "null"
     # class of classifier-free guidance) added to the timestep embedding, as in ADM (Dhariwal & Nichol
     # 2021) and DiT. None: no class input.
@@ -348,6 +352,7 @@ class UNet(nn.Module):
         self.time_embed = TimeEmbedding(mc, emb_dim)
         pooled = cfg.pooled_context and cfg.context_dim is not None
         self.context_pool = nn.Linear(cfg.context_dim, emb_dim) if pooled else None
+        self.context_norm = nn.LayerNorm(cfg.context_dim) if cfg.context_norm and cfg.context_dim else None
         self.class_embed = None
         if cfg.num_classes is not None:  # row num_classes: the null class
             self.class_embed = nn.Embedding(cfg.num_classes + 1, emb_dim)
@@ -453,6 +458,8 @@ class UNet(nn.Module):
         emb = self.time_embed(t)  # (B, 4 * mc)
         if self.class_embed is not None:
             emb = emb + self.class_embed(class_labels).to(emb.dtype)  # (B, 4 * mc)
+        if self.context_norm is not None:
+            context = self.context_norm(context)  # (B, L, context_dim)
         if self.context_pool is not None:
             emb = emb + self.context_pool(masked_mean(context, context_lengths).to(emb.dtype))  # (B, 4 * mc)
         if self.noise_level_embed is not None:
