@@ -397,8 +397,7 @@ class UNet(nn.Module):
         return block(*args)
 
     def _check_labels(self, class_labels, B):
-        n = self.config.num_classes
-        if n is None:
+        if self.config.num_classes is None:
             if class_labels is not None:
                 raise ValueError("UNet: this model takes no class labels (num_classes=None)")
             return
@@ -494,7 +493,6 @@ class UNet(nn.Module):
                     h = self._run(level.attn[j], h, *text)
             if level.resample is not None:
                 h = level.resample(h, skips[-1].shape[-2:])  # (B, C_level, 2 H_level, 2 W_level)
-
         return self.conv_out(self.norm_out(h))  # (B, out_channels, H, W)
 
 
