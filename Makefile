@@ -25,8 +25,8 @@ demo: install
 	$(PY) -m ldm.train_vae --out $(RUNS)/vae
 	$(PY) -m ldm.train_unet --text --vae $(RUNS)/vae --out $(RUNS)/unet
 	$(PY) -m ldm.sample --unet $(RUNS)/unet --vae $(RUNS)/vae --out $(RUNS)/samples/grid.png
-	$(PY) -m ldm.eval_text --unet $(RUNS)/unet --vae $(RUNS)/vae --json $(RUNS)/samples/eval_text.json
-	@echo "pictures: $(RUNS)/samples/grid.png (validation grids and training GIF in $(RUNS)/unet/val/)"
+	$(PY) -m ldm.eval_text --unet $(RUNS)/unet --vae $(RUNS)/vae --json $(RUNS)/samples/eval_text.json --sheet $(RUNS)/samples/splits.png
+	@echo "pictures: $(RUNS)/samples/grid.png, $(RUNS)/samples/splits.png (validation grids and training GIF in $(RUNS)/unet/val/)"
 
 digits: install
 	$(PY) -m ldm.train_vae --data digits --resolution 16 --out $(RUNS)/digits-vae --threads 1

@@ -27,7 +27,7 @@ from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from ldm.checkpoint import load_tensors, save_tensors
-from ldm.data import caption, eval_prompts
+from ldm.data import eval_prompts
 from ldm.diffusion import sample_timesteps
 from ldm.distributed import Dist
 from ldm.errors import InputError
@@ -66,7 +66,7 @@ def cache_is_current(path: Path, key: dict, what: str) -> bool:
 def dataset_captions(dataset, n: int) -> list[str]:
     """The captions of items 0..n-1 without decoding their images where the dataset allows."""
     if hasattr(dataset, "attributes"):  # the built-in shapes: captions come from the drawn attributes
-        return [caption(dataset.attributes(i)) for i in range(n)]
+        return [dataset.caption(i) for i in range(n)]
     if hasattr(dataset, "captions"):
         return list(dataset.captions[:n])
     return [dataset[i]["text"] for i in range(n)]

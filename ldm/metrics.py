@@ -111,13 +111,15 @@ def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER
     "seed", "seconds", per-attribute shares, HEADLINE, "all", "misses" (the first few wrong images)}
     plus "images" (N, 3, H, W) with ``return_images``. ``guide`` (``ldm.clip_guidance.ClipGuide`` of the same
     ``n`` prompts) steers sampling; with it an unconditional UNet can be scored too. ``pairs``: other
-    (attributes, prompt) pairs than the held-out ones (e.g. ``ldm.data.stars.star_prompts``); ``shapes``: the
+    (attributes, prompt) pairs than the held-out ones (e.g. a ``ldm.data.wording.split_prompts`` split or
+    ``ldm.data.stars.star_prompts``); ``shapes``: the
     reader's shapes."""
     if not pipe.conditional and guide is None:
         raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")
     if n <= 0:
         raise ValueError(f"evaluate_prompts: n must be positive, got {n}")
-    pairs = eval_prompts(n, PROMPT_SEED) if pairs is None else pairs[:n]
+    pairs = eval_prompts(n, PROMPT_SEED) if pairs is None else list(pairs)[:n]
+    n = len(pairs)
     prompts = [text for _, text in pairs]
     t0 = time.perf_counter()
     images = generate(pipe, prompts, n=1, steps=steps, sampler=sampler, cfg=cfg, seed=seed, batch_size=batch_size,

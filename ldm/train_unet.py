@@ -46,6 +46,7 @@ import sys
 
 import torch.distributed as dist
 
+from ldm.data.shapes import CAPTION_STYLES
 from ldm.diffusion import PREDICTIONS, SCHEDULES
 from ldm.distributed import init_distributed
 from ldm.errors import InputError
@@ -68,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
                            "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")
     data.add_argument("--caption-column", default="text", help="caption column of metadata.jsonl (default text)")
+    data.add_argument("--captions", choices=CAPTION_STYLES, default=DEMO.captions,
+                      help=f"built-in shapes: the six template captions, or captions in many words and frames "
+                           f"(ldm.data.wording, training-side words only), varied-drop: some leave one attribute "
+                           f"unsaid (default {DEMO.captions})")
     data.add_argument("--cache-images", type=int, default=DEMO.cache_images,
                       help=f"items of the dataset to encode into the cache (default {DEMO.cache_images}; "
                            "a folder gives at most its size)")

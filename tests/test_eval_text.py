@@ -5,15 +5,17 @@ import json
 import shutil
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 from conftest import SESSION_SEED
 from PIL import Image
 from t2i_helpers import RESOLUTION, shared_assets
 
-from ldm import eval_text, metrics
+from ldm import eval_text, metrics, prompt_sheet
 from ldm.checkpoint import load_json, save_json, save_model
 from ldm.data import SHAPES, ShapesDataset, eval_prompts, render, to_tensor
+from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.metrics import ATTRIBUTES, HEADLINE, evaluate_prompts, score
 from ldm.pipeline import load_pipeline
 from ldm.unet import UNet, UNetConfig
@@ -73,7 +75,8 @@ def test_each_prompt_is_judged_against_its_own_attributes(monkeypatch):
 
 
 def test_cli_compares_samplers_on_the_same_prompts_and_noise(assets, tmp_path, capsys):
-    rc = eval_text.main(["--unet", str(assets["unet"]), "--n", "6", "--sampler", "dpmpp_2m:3", "--sampler", "ddim:4",
+    rc = eval_text.main(["--unet", str(assets["unet"]), "--n", "6", "--split", "in-distribution",
+                         "--sampler", "dpmpp_2m:3", "--sampler", "ddim:4",
                          "--sampler", "dpmpp_2m:3", "--json", str(tmp_path / "s.json"),
                          "--grid", str(tmp_path / "g.png")])
     out = capsys.readouterr().out
@@ -90,6 +93,32 @@ def test_cli_compares_samplers_on_the_same_prompts_and_noise(assets, tmp_path, c
     assert {k: runs[0][k] for k in same} == {k: runs[2][k] for k in same}  # same prompts, noise, sampler
     assert "dpmpp_2m     3" in out and "ddim     4" in out
     assert Image.open(tmp_path / "g.png").size == (6 * (RESOLUTION + 2) + 2, RESOLUTION + 4)
+
+
+def test_cli_reports_each_split_on_its_own_line(assets, tmp_path, capsys, monkeypatch):
+    asked = []
+    real = metrics.generate
+
+    def spy(pipe, prompts, **kw):
+        asked.append(list(prompts))
+        return real(pipe, prompts, **kw)
+
+    monkeypatch.setattr(metrics, "generate", spy)
+    assert eval_text.main(["--unet", str(assets["unet"]), "--n", "3", "--sampler", "ddim:2",
+                           "--json", str(tmp_path / "s.json"), "--sheet", str(tmp_path / "sheet.png")]) == 0
+    out = capsys.readouterr().out
+    runs = json.loads((tmp_path / "s.json").read_text())["runs"]
+    assert [r["split"] for r in runs] == list(EVAL_SPLITS) and all(r["n"] == 3 for r in runs)
+    assert asked == [[p for _, p in split_prompts(name, 3)] for name in EVAL_SPLITS]
+    sheet = Image.open(tmp_path / "sheet.png")
+    side = RESOLUTION * prompt_sheet.SCALE
+    assert sheet.size == (side + prompt_sheet.TEXT_WIDTH + 3 * prompt_sheet.PAD,
+                          4 * 3 * (side + 2 * prompt_sheet.PAD))  # 3 labelled images of each of the 4 splits
+    lines = [line for line in out.splitlines() if "ddim     2" in line]
+    assert [line.split("ddim")[0].strip() for line in lines] == list(EVAL_SPLITS)
+    with pytest.raises(SystemExit):
+        eval_text.main(["--unet", str(assets["unet"]), "--split", "easy"])
+    assert "argument --split: invalid choice: 'easy'" in capsys.readouterr().err
 
 
 def test_scores_are_those_of_the_returned_images(assets):
@@ -114,3 +143,20 @@ def test_unconditional_models_and_bad_samplers_are_refused(assets, tmp_path, cap
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err
     shutil.rmtree(folder)
+
+
+def test_sheet_shows_each_image_beside_its_label(seed):
+    data = ShapesDataset(32, seed=seed, split="eval")
+    rows = [{"image": data[i]["image"], "split": "noisy", "prompt": data[i]["text"], "read": "x", "right": i == 0}
+            for i in range(2)]
+    sheet = prompt_sheet.prompt_sheet(rows)
+    side, pad = 32 * prompt_sheet.SCALE, prompt_sheet.PAD
+    for k in range(2):
+        top = k * (side + 2 * pad) + pad
+        drawn = torch.from_numpy(np.asarray(sheet.crop((pad, top, pad + side, top + side))).copy())
+        want = ((data[k]["image"] + 1) * 127.5).round().permute(1, 2, 0)
+        assert torch.equal(drawn[::prompt_sheet.SCALE, ::prompt_sheet.SCALE], want.to(drawn.dtype))
+        text = np.asarray(sheet.crop((side + 2 * pad, top, sheet.width, top + side))).reshape(-1, 3).astype(np.int64)
+        assert (text.sum(1) < 600).any()  # something is written beside it
+    with pytest.raises(ValueError, match="no rows"):
+        prompt_sheet.prompt_sheet([])

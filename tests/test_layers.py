@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # `python -m ldm.X` commands: thin shells over the library; none imports another
 COMMANDS = {"ldm.train_vae", "ldm.train_unet", "ldm.sample", "ldm.eval_text", "ldm.eval_vae", "ldm.convert",
             "ldm.toy", "ldm.eval_digits", "ldm.train_clip", "ldm.eval_clip",
-            "ldm.train_prior", "ldm.teach_shape", "ldm.eval_image2image"}
+            "ldm.train_prior", "ldm.teach_shape", "ldm.eval_image2image", "ldm.encoder_probe"}
 # modules that may import no model: the data code, and the diffusion maths and samplers
 NO_MODELS = {"ldm.diffusion", "ldm.samplers"}
 MODELS = {"ldm.unet", "autoencoder"}

@@ -46,11 +46,12 @@ def is_builtin(data: str | Path | None) -> bool:
 
 
 def open_dataset(data: str | Path | None, resolution: int, *, split: str = "train", seed: int = 0,
-                 caption_column: str = "text", crop: str = "center", flip: bool = False):
-    """The built-in shapes (``data`` None), the real handwritten digits (``data`` "digits"), both with
-    ``split`` "train" or "eval", or an image folder."""
+                 caption_column: str = "text", crop: str = "center", flip: bool = False,
+                 captions: str = "templates"):
+    """The built-in shapes (``data`` None; ``captions``: "templates" or "varied", see ``ShapesDataset``),
+    the real handwritten digits (``data`` "digits"), both with ``split`` "train" or "eval", or an image folder."""
     if data is None:
-        return ShapesDataset(resolution, seed=seed, split=split)
+        return ShapesDataset(resolution, seed=seed, split=split, captions=captions)
     if data == "digits":
         return DigitsDataset(resolution, split=split, seed=seed)
     return FolderDataset(data, resolution, caption_column=caption_column, crop=crop, flip=flip, seed=seed)

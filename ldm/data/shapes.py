@@ -69,6 +69,11 @@ JITTER_SCALE = 0.08  # the side is scaled by up to 1 +- this
 CROSS_ARM = 1 / 3  # arm thickness of the cross, as a fraction of its side
 SUPERSAMPLE = 8  # samples per pixel along each axis when rendering coverage
 SPLITS = {"train": 0, "eval": 1}
+CAPTION_STYLES = ("templates", "varied", "varied-drop")  # ShapesDataset(captions=...): see ldm.data.wording
+CAPTION_STREAM = 7  # item i's varied caption draws from (seed, split, i, CAPTION_STREAM), apart from its scene
+# The held-out combinations (ldm.data.wording documents the rule): a training scene whose (shape, colour,
+# position) has index sum % HELD_OUT_MODULUS == HELD_OUT_RESIDUE is redrawn, so it is never rendered.
+HELD_OUT_MODULUS, HELD_OUT_RESIDUE = 9, 4
 # Why these sizes: at 32 x 32 a shape must outlast a factor-4 autoencoder, whose latent pixel is
 # 4 x 4 image pixels. With small = 0.22 (7 px, a cross's arms 2.3 px) the demo VAE gave back a
 # readable small cross in 10 of 50 held-out images and a small square in 35 of 50 (large shapes:
@@ -126,6 +131,12 @@ def caption(attrs: dict, template: int | str | None = None) -> str:
                            where=WHERE[attrs["position"]], position=attrs["position"],
                            background=attrs["background"])
     return text[0].lower() + text[1:] if text else text
+
+
+def held_out(attrs: dict) -> bool:
+    """True for the (shape, colour, position) combinations the training split never renders."""
+    total = SHAPES.index(attrs["shape"]) + list(COLOURS).index(attrs["colour"]) + POSITIONS.index(attrs["position"])
+    return total % HELD_OUT_MODULUS == HELD_OUT_RESIDUE
 
 
 # ---------------------------------------------------------------- rendering
@@ -190,16 +201,22 @@ def to_tensor(image: np.ndarray) -> torch.Tensor:
 class ShapesDataset(torch.utils.data.Dataset):
     """``length`` procedurally drawn scenes; item ``i`` is ``{"image": (3, H, W) in [-1, 1], "text": str}``.
 
-    Deterministic by ``(seed, split, i)``. ``split="eval"`` is the held-out stream."""
+    Deterministic by ``(seed, split, i)``. ``split="eval"`` is the held-out stream. ``holdout`` (default:
+    True for the training split) redraws the scenes ``held_out`` names; ``captions="varied"`` writes each
+    item's caption with ``ldm.data.wording.varied_caption`` instead of the scene's template."""
 
     name = "shapes"
 
-    def __init__(self, resolution: int = 32, length: int = 50_000, seed: int = 0, split: str = "train"):
+    def __init__(self, resolution: int = 32, length: int = 50_000, seed: int = 0, split: str = "train",
+                 captions: str = "templates", holdout: bool | None = None):
         if split not in SPLITS:
             raise ValueError(f"unknown split {split!r}; expected one of {tuple(SPLITS)}")
         if resolution < 8:
             raise ValueError(f"resolution {resolution} is too small to draw a shape (at least 8)")
+        if captions not in CAPTION_STYLES:
+            raise ValueError(f"unknown caption style {captions!r}; expected one of {CAPTION_STYLES}")
         self.resolution, self.length, self.seed, self.split = resolution, length, seed, split
+        self.caption_style, self.holdout = captions, split == "train" if holdout is None else holdout
 
     def __len__(self) -> int:
         return self.length
@@ -207,19 +224,36 @@ class ShapesDataset(torch.utils.data.Dataset):
     def attributes(self, i: int) -> dict:
         if not 0 <= i < self.length:
             raise IndexError(f"item {i} out of range for {self.length} items")
-        return sample_attributes(np.random.default_rng([self.seed, SPLITS[self.split], i]))
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i])
+        attrs = sample_attributes(rng)
+        while self.holdout and held_out(attrs):  # redrawn from the same stream: still one scene per index
+            attrs = sample_attributes(rng)
+        return attrs
+
+    def caption(self, i: int, attrs: dict | None = None) -> str:
+        """Item ``i``'s caption (``attrs``: its scene, when already drawn)."""
+        attrs = self.attributes(i) if attrs is None else attrs
+        if self.caption_style == "templates":
+            return caption(attrs)
+        from ldm.data.wording import varied_caption  # wording builds on this module
+
+        rng = np.random.default_rng([self.seed, SPLITS[self.split], i, CAPTION_STREAM])
+        return varied_caption(attrs, rng, drop=self.caption_style == "varied-drop")
 
     def __getitem__(self, i: int) -> dict:
         attrs = self.attributes(i)
-        return {"image": to_tensor(render(attrs, self.resolution)), "text": caption(attrs)}
+        return {"image": to_tensor(render(attrs, self.resolution)), "text": self.caption(i, attrs)}
 
     def get(self, i: int, rng: np.random.Generator | None = None) -> dict:
         """Item ``i``; ``rng`` (augmentation randomness) is unused: the scenes take no augmentation."""
         return self[i]
 
     def describe(self) -> dict:
-        return {"name": self.name, "resolution": self.resolution, "length": self.length,
-                "seed": self.seed, "split": self.split}
+        out = {"name": self.name, "resolution": self.resolution, "length": self.length,
+               "seed": self.seed, "split": self.split}
+        if self.caption_style != "templates" or self.holdout:  # what earlier caches recorded stays as it was
+            out.update(captions=self.caption_style, holdout=self.holdout)
+        return out
 
 
 def eval_prompts(n: int, seed: int = 0) -> list[tuple[dict, str]]:
