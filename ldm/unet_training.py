@@ -142,9 +142,8 @@ class TrainConfig:
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
 RUN_FIELDS = ("vae", "data", "caption_column", "captions", "cache_images", "text", "text_encoder", "cfg_drop",
-              "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule", "min_snr_gamma",
-              "t_focus",
-              "t_focus_mean", "t_focus_std", "batch_size", "lr", "lr_schedule",
+              "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
+              "min_snr_gamma", "t_focus", "t_focus_mean", "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
               "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
