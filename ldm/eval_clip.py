@@ -30,6 +30,7 @@ from ldm.clip_training import (ClipTrainConfig, features_of, heldout_scenes, loa
 from ldm.data import VOCABULARY, caption
 from ldm.diffusion import NoiseSchedule
 from ldm.errors import InputError, command_main
+from ldm.trainer import check_positive
 
 DEFAULT_ZERO_SHOT_N = 1000  # held-out images classified zero-shot
 
@@ -57,9 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     if args.n <= 0 or args.recall_n < 2:
         raise InputError("--n must be positive and --recall-n at least 2")
+    check_positive(args, ("threads",))
     if args.threads is not None:
-        if args.threads <= 0:
-            raise InputError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     clip = load_clip(args.clip)
     vae = schedule = None

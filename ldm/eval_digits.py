@@ -28,6 +28,7 @@ from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.pipeline import load_pipeline
 from ldm.samplers import SAMPLERS
+from ldm.trainer import check_positive
 
 GRID_PER_ROW = 10  # images of each digit in the grid
 
@@ -59,10 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("n", "batch_size", "steps", "reader_epochs", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    check_positive(args, ("n", "batch_size", "steps", "reader_epochs", "threads"))
     if args.cfg is not None and not args.cfg >= 0:
         raise InputError(f"--cfg must be >= 0 (1: no guidance), got {args.cfg}")
     if args.threads:

@@ -30,6 +30,7 @@ from ldm.image2image import SAMPLE_AUG_LEVEL, SR_FACTORS, TASKS
 from ldm.metrics import HEADLINE
 from ldm.pipeline import Pipeline
 from ldm.samplers import SAMPLERS
+from ldm.trainer import check_positive
 
 DEFAULT_N = 200
 
@@ -63,10 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("n", "batch_size", "steps", "resample", "threads"):
-        value = getattr(args, flag)
-        if value is not None and value <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {value}")
+    check_positive(args, ("n", "batch_size", "steps", "resample", "threads"))
     if bool(args.task) == bool(args.upscaler):
         raise InputError("give --task TASK (one or more) or --upscaler DIR (a cascade), not both or neither")
     if args.resample is not None and not args.repaint:

@@ -22,7 +22,7 @@ import torch
 from ldm.clip import CLIP_CONFIGS
 from ldm.clip_training import ClipTrainConfig, train_clip
 from ldm.errors import InputError, command_main
-from ldm.trainer import config_from_args
+from ldm.trainer import check_positive, config_from_args
 
 DEFAULTS = ClipTrainConfig()
 
@@ -57,16 +57,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("images", "steps", "batch_size", "log_every", "resolution"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_positive(args, ("images", "steps", "batch_size", "log_every", "resolution", "threads"))
     if args.batch_size < 2:
         raise InputError("--batch-size must be at least 2: each pair needs another as its negative")
     if args.lr <= 0 or args.warmup < 0 or args.weight_decay < 0:
         raise InputError("--lr must be positive, --warmup and --weight-decay non-negative")
     if args.threads is not None:
-        if args.threads <= 0:
-            raise InputError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     from ldm.pretrained import load_vae
     from ldm.text import TextEncoder

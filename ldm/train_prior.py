@@ -21,7 +21,7 @@ import torch
 
 from ldm.clip import load_clip
 from ldm.errors import InputError, command_main
-from ldm.trainer import config_from_args
+from ldm.trainer import check_positive, config_from_args
 from ldm.unclip import PriorTrainConfig, evaluate_prior, load_prior, train_prior
 
 DEFAULTS = PriorTrainConfig()
@@ -49,14 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    for flag in ("images", "steps", "batch_size", "log_every"):
-        if getattr(args, flag) <= 0:
-            raise InputError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    check_positive(args, ("images", "steps", "batch_size", "log_every", "threads"))
     if args.eval < 0 or args.lr <= 0:
         raise InputError("--eval must be >= 0 and --lr positive")
     if args.threads is not None:
-        if args.threads <= 0:
-            raise InputError(f"--threads must be positive, got {args.threads}")
         torch.set_num_threads(args.threads)
     clip = load_clip(args.clip)
     if getattr(clip, "noise_aware", False) or not hasattr(clip, "text_features"):
