@@ -97,12 +97,11 @@ INT32_MAX = 2**31 - 1  # the kernels index within one (batch, head) slice or one
 # kernels/groupnorm.md, "Measured on an H200"). Attention: SDPA's flash / cuDNN kernels took 0.75x
 # of our forward's GPU time at N = 4096 D = 40, the same at N = 1024 D = 80 and at 77 keys, 0.62x at
 # the VAE's D = 512, and launch at 5-8x less CPU time; our kernel stays one backend= away.
-# GroupNorm + SiLU: ours takes 3.7-9x less GPU time than eager but ~750 us more CPU time per
+# GroupNorm + SiLU: ours takes 2.5-10.7x less GPU time than eager but ~750 us more CPU time per
 # forward + backward (5 Triton launches and the custom-op layers against ATen's few), so it only
 # pays where the tensor is large enough for the GPU time saved (~25 us per million elements) to
 # cover that: the sd15 UNet's training step ran 1.07-1.25x slower with it, the sd VAE's 512-px
 # encode and decode 1.55x faster.
-AUTO_TRITON_OPS = ("groupnorm",)
 GROUPNORM_AUTO_MIN_ELEMENTS = 2**25  # the sd VAE's 128 x 512 x 512 activation of one image
 
 
@@ -164,9 +163,7 @@ def triton_refusal(op: str, *tensors: torch.Tensor, gpu: bool | None = None) -> 
 def auto_prefers_triton(op: str, *tensors: torch.Tensor) -> bool:
     """Whether ``auto`` should run our kernel for these inputs on a GPU: the measured rule above
     (sizes only, so a traced graph decides the same way)."""
-    if op not in AUTO_TRITON_OPS or not tensors:
-        return False
-    return tensors[0].numel() >= GROUPNORM_AUTO_MIN_ELEMENTS
+    return op == "groupnorm" and bool(tensors) and tensors[0].numel() >= GROUPNORM_AUTO_MIN_ELEMENTS
 
 
 def resolve_backend(op: str, backend: str, *tensors: torch.Tensor) -> str:
