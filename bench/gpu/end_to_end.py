@@ -152,6 +152,22 @@ def judge(errors: dict[str, dict[str, float]], baseline: str) -> dict[str, tuple
     return out
 
 
+def bf16_errors(models: dict, baseline: str, run, measure) -> dict:
+    """Each provider's ``measure(run(model, amp=True))`` (its errors against the reference), or "raised ..."
+    when its run raises; the baseline's exception propagates (nothing to compare against without it)."""
+    errors = {}
+    for name, model in models.items():
+        try:
+            got = run(model, amp=True)
+        except Exception as e:
+            if name == baseline:
+                raise
+            errors[name] = f"raised {short_error(e)}"
+            continue
+        errors[name] = measure(got)
+    return errors
+
+
 def check_unet(models: dict, reference: nn.Module, cfg: UNetConfig, sizes: Sizes, dev: Device, baseline: str,
                seed: int) -> dict[str, tuple[float, str]]:
     gen = torch.Generator().manual_seed(seed)
@@ -171,16 +187,8 @@ def check_unet(models: dict, reference: nn.Module, cfg: UNetConfig, sizes: Sizes
         m.eval()
     with exact_fp32():
         ref_out, ref_dx = run(reference, amp=False)
-    errors = {}
-    for name, model in models.items():
-        try:
-            out, dx = run(model, amp=True)
-        except Exception as e:
-            if name == baseline:
-                raise
-            errors[name] = f"raised {short_error(e)}"
-            continue
-        errors[name] = {"output": rel_l2(out, ref_out), "d/dx": rel_l2(dx, ref_dx)}
+    errors = bf16_errors(models, baseline, run,
+                         lambda got: {"output": rel_l2(got[0], ref_out), "d/dx": rel_l2(got[1], ref_dx)})
     return judge(errors, baseline)
 
 
@@ -199,16 +207,8 @@ def check_vae(models: dict, reference, cfg: VAEConfig, sizes: Sizes, dev: Device
 
     with exact_fp32():
         ref = run(reference, amp=False)
-    errors = {}
-    for name, model in models.items():
-        try:
-            enc, dec = run(model, amp=True)
-        except Exception as e:
-            if name == baseline:
-                raise
-            errors[name] = f"raised {short_error(e)}"
-            continue
-        errors[name] = {"encode": rel_l2(enc, ref[0]), "decode": rel_l2(dec, ref[1])}
+    errors = bf16_errors(models, baseline, run,
+                         lambda got: {"encode": rel_l2(got[0], ref[0]), "decode": rel_l2(got[1], ref[1])})
     return judge(errors, baseline)
 
 
@@ -351,16 +351,16 @@ def _checked(check, ours, theirs) -> dict[str, tuple[float, str]]:
     """Run ``check`` with the reference and baseline it can have: diffusers' fp32 output and bf16 error
     when diffusers is there, else ours with PyTorch's ops (fp32 reference, bf16 baseline). "ours-torch"
     is checked with our kernels off."""
-    wrapped = {"ours": ours, "ours-torch": _OffModel(ours)}
+    wrapped = {"ours": ours, "ours-torch": _Wrapped(ours)}
     if next(iter(ours.parameters())).is_cuda:
-        wrapped["ours-triton"] = _OffModel(ours, triton_call)
+        wrapped["ours-triton"] = _Wrapped(ours, triton_call)
     if theirs is not None:
         wrapped[BASELINE] = theirs
         return check(wrapped, theirs, BASELINE)
-    return check(wrapped, _OffModel(ours), "ours-torch")
+    return check(wrapped, _Wrapped(ours), "ours-torch")
 
 
-class _OffModel:
+class _Wrapped:
     """A model whose every call (forward, encode, decode) runs through ``wrap`` (default: our kernels
     off; ``triton_call``: every op on them)."""
 
