@@ -142,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
                                  return_images=first or (k == 0 and args.sheet is not None) or clip is not None,
                                  pairs=pairs, guide=guide)
             if clip is not None:
-                r["clip_score"] = clip_score(clip, r["images"], texts[:len(r["images"])]).mean().item()
+                r["clip_score"] = clip_score(clip, r["images"], texts).mean().item()
             if first and args.grid:
                 image_grid(r["images"], nrow=20).save(args.grid)
             if k == 0 and args.sheet:
