@@ -13,7 +13,7 @@ from ldm.data import BUILTIN, is_builtin
 from ldm.distributed import Dist
 from ldm.errors import InputError
 from ldm.lora import LoRAConfig
-from ldm.trainer import check_positive
+from ldm.trainer import check_optimizer, check_positive
 from ldm.unet import UNetConfig
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ def check_config(c: TrainConfig, d: Dist) -> None:
                        "min_snr_gamma"), strict=False)
     if c.lr <= 0:
         raise InputError(f"--lr must be positive, got {c.lr}")
+    check_optimizer(c.optimizer)
     if not 0 <= c.ema_decay < 1:
         raise InputError(f"--ema-decay must lie in [0, 1), got {c.ema_decay}")
     if not 0 <= c.t_focus <= 1:

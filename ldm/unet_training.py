@@ -37,7 +37,7 @@ from ldm.pipeline import Pipeline, generate
 from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.train_checks import check_config, parse_overrides
-from ldm.trainer import (RunFolder, check_finite, learning_rate, restore,
+from ldm.trainer import (RunFolder, build_optimizer, check_finite, learning_rate, restore,
                          sigterm_as_interrupt)
 from ldm.unclip_decoder import attach_clip_embeddings, build_unet, check_train_config, decoder_fields
 from ldm.unet import count_parameters, unet_config
@@ -122,6 +122,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 10% at the last step)
     warmup: int = 100
     weight_decay: float = 0.01  # AdamW, on weight matrices and kernels only
+    optimizer: str = "adamw"  # ldm.trainer.OPTIMIZERS: "adamw8bit" keeps both moments in 8 bits (bitsandbytes)
     grad_clip: float = 1.0  # 0: no clipping
     ema_decay: float = 0.999  # ceiling; the decay warms up as (1 + step) / (10 + step)
     seed: int = 0
@@ -144,8 +145,8 @@ DEMO = TrainConfig()
 RUN_FIELDS = ("vae", "data", "caption_column", "captions", "cache_images", "text", "text_encoder", "cfg_drop",
               "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
               "min_snr_gamma", "t_focus", "t_focus_mean", "t_focus_std", "batch_size", "lr", "lr_schedule",
-              "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
-              "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
+              "warmup", "weight_decay", "optimizer", "grad_clip", "ema_decay", "seed", "init_from", "lora",
+              "lora_alpha", "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
 # floating-point sums, so an exact resume keeps it too).
 KEPT_FIELDS = ("steps", "cache_dir", "workers", "threads", "grad_checkpointing", "ckpt_every", "val_every",
@@ -264,9 +265,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         base.unet = None  # copied: not a third UNet in memory through the run
     ema.load_state_dict(model.state_dict())
     trainable = Trainable(model, ema, LoRAConfig(c.lora, c.lora_alpha, c.lora_targets) if c.lora else None)
-    # the fused kernel: on 2 CPU cores the per-tensor loop costs ~25x more for the tiny UNet's 4M parameters
-    opt = torch.optim.AdamW(optimizer_groups(trainable.module, c.weight_decay), lr=c.lr, betas=ADAMW_BETAS,
-                            fused=device.type in ("cpu", "cuda"))
+    opt = build_optimizer(c.optimizer, optimizer_groups(trainable.module, c.weight_decay), c.lr, ADAMW_BETAS, device)
     if parts is not None:
         restore(parts, {**trainable.parts(), "optimizer": opt}, run.ckpt.root)
     if parts is not None and d.main:
