@@ -89,8 +89,6 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
             raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
                              f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
-    if c.lora and d.world > 1:
-        raise InputError("--lora trains in one process for now (its adapters sit outside DistributedDataParallel)")
     if c.lora < 0:
         raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
     if c.lora:

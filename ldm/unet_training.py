@@ -164,6 +164,19 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Each parameter's gradient becomes its mean over the ranks (what DistributedDataParallel does), in one
+    all-reduce of the gradients laid end to end."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numel,)
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
 def save_validation(pipe: Pipeline, prompts: list[str] | None, encoded, n: int, steps: int, cfg: float,
                     seed: int, path: Path, count: int, classes: list[int] | None = None) -> None:
     """The EMA model on the fixed validation prompts (or classes) and noise: one column per prompt, n rows
@@ -276,7 +289,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     else:  # a fresh run (or a rank the checkpoint did not record): per-rank dropout stream
         torch.manual_seed(c.seed * d.world + d.rank + start_step)
     net = model
-    if d.world > 1:
+    # LoRA's adapters hook into the frozen UNet from outside it: DDP would find nothing to train, so their
+    # gradients are averaged over the ranks by hand after each backward pass instead
+    average_by_hand = d.world > 1 and trainable.lora is not None
+    if d.world > 1 and not average_by_hand:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     schedule = (NoiseSchedule.from_name(c.schedule) if base is None else base.info.noise_schedule())
@@ -357,6 +373,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                                                     noise=noise, **cond)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if average_by_hand:
+                    average_gradients(model_params, d.world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model_params, c.grad_clip if c.grad_clip > 0 else math.inf)
                 opt.step()
                 decay = ema_decay(step, c.ema_decay)

@@ -124,6 +124,23 @@ def test_full_fine_tune_from_our_folder(lora_run, tmp_path):
     assert not (out / "base").exists()  # ours is read in place
 
 
+def test_lora_under_torchrun_trains_as_one_process_would(sd, lora_run, tmp_path):
+    """Two processes, each half of every batch: the adapters' gradients averaged by hand (they sit outside
+    DistributedDataParallel) give the adapters one process on the whole batch trains."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ldm.train_unet", *flags(sd, tmp_path / "ddp", *LORA)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one, _ = lora_run
+    single, ddp = load_file(one / "lora.safetensors"), load_file(tmp_path / "ddp" / "lora.safetensors")
+    assert single and single.keys() == ddp.keys()
+    # lora_B starts at zero: what the run moved is the B matrices' size
+    moved = sum(single[k].double().square().sum() for k in single if "lora_B" in k).sqrt()
+    apart = sum((single[k].double() - ddp[k].double()).square().sum() for k in single).sqrt()
+    assert moved > 0 and apart < 1e-3 * moved, (apart, moved)
+
+
 def test_adamw8bit_full_fine_tune_keeps_8bit_moments_and_resumes_exactly(sd, tmp_path, monkeypatch):
     """--optimizer adamw8bit: bitsandbytes' 8-bit moments in the checkpoint, and a run killed inside a
     checkpoint write and resumed ends bit-identical to an uninterrupted one."""
