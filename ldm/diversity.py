@@ -57,7 +57,8 @@ def pairwise_rms(samples: torch.Tensor) -> torch.Tensor:
     if samples.dim() != 5:
         raise ValueError(f"pairwise_rms: expected (P, K, C, H, W) samples, got {tuple(samples.shape)}")
     flat = samples.double().flatten(2)  # (P, K, C*H*W)
-    return torch.cdist(flat, flat).div(flat.shape[-1] ** 0.5)  # (P, K, K)
+    # differences written out, one prompt at a time (cdist's |a|^2 + |b|^2 - 2ab loses digits near copies)
+    return torch.stack([(f[:, None] - f[None]).pow(2).mean(-1).sqrt() for f in flat])  # (P, K, K)
 
 
 def count_distinct(dist: torch.Tensor, threshold: float) -> int:
