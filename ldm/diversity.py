@@ -86,7 +86,10 @@ def diversity(samples: torch.Tensor, threshold: float | torch.Tensor) -> dict:
     if samples.dim() != 5 or samples.shape[1] < 2:
         raise ValueError(f"diversity: expected (P, K >= 2, C, H, W) samples, got {tuple(samples.shape)}")
     P, K = samples.shape[:2]
-    thresholds = torch.as_tensor(threshold, dtype=torch.float64).expand(P)  # (P,)
+    thresholds = torch.as_tensor(threshold, dtype=torch.float64).flatten()
+    if thresholds.numel() not in (1, P):
+        raise ValueError(f"diversity: one threshold or one per prompt ({P}), got {thresholds.numel()}")
+    thresholds = thresholds.expand(P)  # (P,)
     if not bool(torch.all(thresholds > 0)):
         raise ValueError(f"diversity: thresholds must be positive, got {thresholds.tolist()}")
     dist = pairwise_rms(samples)  # (P, K, K)

@@ -21,6 +21,10 @@ of images whose shape, colour, size, position
 and background match the prompt, each on its own; the headline "shape+colour+position" (all
 three right in the same image); and "all" five. ``--sampler NAME:STEPS`` may repeat: every run
 uses the same prompts and the same starting noise, so the rows differ by the sampler only.
+``--diversity K`` also draws K samples of each of the first ``--diversity-prompts`` held-out prompts
+and reports how many distinct images each gets and how far apart they lie, beside K fresh renders of
+the data (``ldm.diversity``; the first --sampler; with --guide-clip guided, with --decoder through
+the prior or as variations).
 """
 
 from __future__ import annotations

@@ -97,6 +97,7 @@ def test_the_threshold_is_strict_and_a_chain_of_near_copies_is_one_image():
     (torch.rand(3, 1, 3, 4, 4), 0.1, r"K >= 2"),
     (torch.rand(6, 3, 4, 4), 0.1, r"\(P, K >= 2, C, H, W\)"),
     (torch.rand(2, 3, 3, 4, 4), torch.tensor([0.1, 0.0]), "thresholds must be positive"),
+    (torch.rand(2, 3, 3, 4, 4), torch.tensor([0.1, 0.2, 0.3]), r"one threshold or one per prompt \(2\), got 3"),
 ])
 def test_bad_samples_and_thresholds_are_refused(samples, threshold, message):
     with pytest.raises(ValueError, match=message):
@@ -143,6 +144,9 @@ def test_evaluate_diversity_reads_prompt_major_samples_against_the_data(seed):
     one = evaluate_diversity(draw_one, P, K, codec=lambda x: x.flip(-1))
     assert one["distinct"] == 1 and one["mean_distance"] == 0 and one["relative_distance"] == 0
     assert one["data_vae"]["mean_distance"] == pytest.approx(one["data"]["mean_distance"])  # a flip moves no pair
+    for prompts, k in ((0, 4), (3, 1)):
+        with pytest.raises(ValueError, match="needs prompts >= 1 and k >= 2"):
+            evaluate_diversity(draw_one, prompts, k)
     with pytest.raises(ValueError, match="draw gave 3 images for 3 prompts x 4"):
         evaluate_diversity(lambda asked, k: torch.zeros(3, 3, 16, 16), P, K)
     assert DISTINCT_FRACTION * median.min() > 0
