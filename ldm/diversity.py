@@ -17,8 +17,8 @@ they lie closer than half of what the data's own jitter typically moves them (ab
 own renders does: jitter draws that nearly coincide). It is set per prompt because the distance of one jitter
 grows with the shape's contrast and outline (0.03 for a small green cross on black, 0.09 for a large red
 square on white, over eval_text's first 25 prompts). At a quarter of the median the count saturates (the
-data and every model compared read 7.3 to 8 of 8), so the half it is; the mean distance is the measure that
-sees finer differences.
+data and every model compared read 7.3 to 8 of 8), so the rule takes the half; the mean distance is the
+measure that sees finer differences.
 
 Why pixel RMS and not features: the only thing the data varies for a fixed prompt is where the shape's edge
 falls, which pixels see directly. The attribute reader returns the five attributes, identical for every
@@ -28,9 +28,11 @@ embeddings), so scoring in its space would not be independent of the model score
 
 The reference rows (``data_diversity``): K fresh renders of each prompt's attributes, scored by the same rule:
 what a model that draws the data's own spread would get; and the same renders through the model's VAE
-(encode, decode), which every sampled image passes through: its decoder softens edges, so the same jitter moves
-fewer pixel values (through the demo VAE the median pair of renders lies at 0.83 of the crisp pairs' median). ``evaluate_diversity`` scores any sampler of K images
-per prompt on eval_text's first P held-out prompts (``ldm.metrics.eval_prompts``, ``PROMPT_SEED``) beside it.
+(encode, decode), which every sampled image passes through: its decoder softens edges, so the same jitter
+moves fewer pixel values (through the demo VAE the median pair of renders lies at 0.83 of the crisp pairs'
+median). ``evaluate_diversity`` scores any sampler of K images per prompt on eval_text's first P held-out
+prompts (``ldm.data.shapes.eval_prompts`` at ``ldm.metrics.PROMPT_SEED``) beside them. Samples enter
+``diversity`` in [0, 1]; ``evaluate_diversity`` takes the models' [-1, 1] and maps it.
 """
 
 from __future__ import annotations
