@@ -44,7 +44,8 @@ def parse_overrides(items: list[str]) -> dict:
 
 def check_config(c: TrainConfig, d: Dist) -> None:
     """InputError naming the flag for a value no run can take."""
-    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads"))
+    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads",
+                       "resolution"))
     check_positive(c, ("warmup", "val_every", "eval", "workers", "weight_decay", "grad_clip",
                        "min_snr_gamma"), strict=False)
     if c.lr <= 0:

@@ -66,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vae", default="runs/vae", metavar="DIR",
                       help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution. With "
                            "--init-from: the folder's VAE unless given")
+    data.add_argument("--resolution", type=int, default=None, metavar="PX",
+                      help="images at this side instead of the VAE's (its convolutions take any multiple of its "
+                           "factor: the demo VAE serves a 64-px super-resolution stage); the UNet records its latent "
+                           "shape (default: the VAE's resolution)")
     data.add_argument("--data", default=None, metavar="DIR",
                       help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
                            "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")

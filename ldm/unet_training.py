@@ -62,7 +62,8 @@ class TrainConfig:
     reaches 92-93% shape+colour+position (README, "What make demo does"); the target is 90%."""
 
     # data and cache
-    vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution
+    vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution...
+    resolution: int | None = None  # ...or this one: a convolutional VAE encodes any multiple of its factor
     data: str | None = None  # an image folder, or "digits" (ldm.data.digits); None: the built-in shapes
     caption_column: str = "text"
     # The built-in shapes' captions: "templates", "varied" or "varied-drop" (ldm.data.wording). Varied captions
@@ -142,8 +143,8 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "captions", "cache_images", "text", "text_encoder", "cfg_drop",
-              "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
+RUN_FIELDS = ("vae", "resolution", "data", "caption_column", "captions", "cache_images", "text", "text_encoder",
+              "cfg_drop", "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
               "min_snr_gamma", "t_focus", "t_focus_mean", "t_focus_std", "batch_size", "lr", "lr_schedule",
               "warmup", "weight_decay", "optimizer", "grad_clip", "ema_decay", "seed", "init_from", "lora",
               "lora_alpha", "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
@@ -220,19 +221,26 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         vae, _ = load_vae(c.vae, device)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"--vae: {e} (train one with python -m ldm.train_vae)") from None
-    if vae.resolution is None:
-        raise InputError(f"--vae: {Path(c.vae) / 'vae.json'} records no resolution")
-    resolution = int(vae.resolution)
-    latent_shape = vae.latent_shape()
+    if vae.resolution is None and c.resolution is None:
+        raise InputError(f"--vae: {Path(c.vae) / 'vae.json'} records no resolution; give --resolution")
+    resolution = c.resolution or int(vae.resolution)
+    try:
+        latent_shape = vae.latent_shape(resolution)
+    except ValueError as e:
+        raise InputError(f"--resolution {resolution}: {e}") from None
+    # the UNet's skips meet only if every level halves the latent whole
+    halvings = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult) - 1
+    if latent_shape[1] % 2**halvings:
+        raise InputError(f"--resolution {resolution}: its {latent_shape[1]}-wide latents do not halve {halvings} "
+                         f"times; use a multiple of {vae.config.downsample_factor * 2**halvings}")
     try:
         dataset = open_dataset(c.data, resolution, seed=DATA_SEED, caption_column=c.caption_column,
                                captions=c.captions)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     if c.buckets:  # a bucket side must survive the VAE and every UNet downsampling whole
-        levels = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult)
         try:
-            dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2 ** (levels - 1))
+            dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2**halvings)
         except ValueError as e:
             raise InputError(f"--buckets: {e}") from None
     if c.class_prompt is not None:  # every picture of both sets is cached: the batches take half of each
