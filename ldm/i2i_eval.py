@@ -10,8 +10,9 @@ captions as prompts, and reads the outputs back with the dataset's attribute rea
 - outpaint: one half masked (left, right, top, bottom in turn): the visible half kept (raw PSNR), the whole
   image read against the caption;
 - colorize: the greyscale image in: colour (of the shape) and background read back;
-- sr: the image at 1/``factor`` of the side in: PSNR and SSIM against the true render, beside bicubic, and
-  the attributes read from both.
+- sr: the image at 1/``factor`` of the side in: PSNR and SSIM against the true render of the output made
+  to agree with the input (``image2image.consistent``, sr's compositing) and of the raw output, beside
+  bicubic and bicubic made to agree the same way, and the attributes read from them.
 
 ``repaint=True`` scores inpaint / outpaint with a plain text model through ``ldm.repaint`` (the baseline).
 """
@@ -97,12 +98,23 @@ def evaluate_task(pipe, task: str, n: int = 200, *, factor: int = i2i.SR_FACTORS
         kept_psnr = (-10 * mse.clamp_min(1e-10).log10()).mean()
         report.update(kept_max_abs_diff=kept, kept_psnr_raw=round(float(kept_psnr), 2))
     if task == "sr":
+        out = i2i.consistent(raw, inputs)
         bicubic = i2i.upsample(inputs, R)
         b_shares, _ = score(bicubic, attrs)
-        report.update(factor=factor, noise_level=noise_level,
-                      psnr=round(float(psnr(out, images).mean()), 2), ssim=round(float(ssim(out, images).mean()), 4),
-                      bicubic_psnr=round(float(psnr(bicubic, images).mean()), 2),
-                      bicubic_ssim=round(float(ssim(bicubic, images).mean()), 4), bicubic_read=_shares(b_shares))
+        raw_shares, _ = score(raw, attrs)
+        bicubic_agreed = i2i.consistent(bicubic, inputs)
+
+        def db(x):
+            return round(float(psnr(x, images).mean()), 2)
+
+        def same(x):
+            return round(float(ssim(x, images).mean()), 4)
+
+        report.update(factor=factor, noise_level=noise_level, psnr=db(out), ssim=same(out), psnr_raw=db(raw),
+                      ssim_raw=same(raw), read_raw=_shares(raw_shares),
+                      input_gap=round(float((i2i.downsample(out, factor) - inputs).abs().amax()), 4),
+                      bicubic_psnr=db(bicubic), bicubic_ssim=same(bicubic), bicubic_read=_shares(b_shares),
+                      bicubic_consistent_psnr=db(bicubic_agreed), bicubic_consistent_ssim=same(bicubic_agreed))
     shares, seen = score(out, attrs)
     report["read"] = _shares(shares)
     report["misses"] = [{"prompt": p, "read": {a: s[a] for a in ATTRIBUTES}}

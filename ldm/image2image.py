@@ -166,6 +166,23 @@ def upsample(low: torch.Tensor, size: int) -> torch.Tensor:
     return F.interpolate(low, size=(size, size), mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
+# Rounds of the SR projection: each round's clamp to [-1, 1] moves the area averages off the input a little; on
+# the palette model's x4 outputs the largest gap to the input fell 0.25 -> 0.079 -> 0.0055 after 1, 5 and 20
+CONSISTENCY_ROUNDS = 20
+
+
+def consistent(x: torch.Tensor, low: torch.Tensor, rounds: int = CONSISTENCY_ROUNDS) -> torch.Tensor:
+    """Super-resolution's compositing: the output made to agree with its input. Alternating projections onto
+    {x : area average of x at the input's size = the input} (add each block's residual to its pixels) and
+    [-1, 1]; both sets hold the true image whenever the input is its area average (``downsample``), so
+    every round can only bring ``x`` nearer to it. x (B, 3, H, W), low (B, 3, H / k, W / k) -> (B, 3, H, W)."""
+    k = x.shape[-1] // low.shape[-1]
+    for _ in range(rounds):
+        residual = low - downsample(x, k)  # (B, 3, H / k, W / k)
+        x = (x + F.interpolate(residual, scale_factor=k, mode="nearest")).clamp(-1, 1)
+    return x
+
+
 def source(task: str, image: torch.Tensor, mask: torch.Tensor | None = None, resolution: int | None = None):
     """The pixel source and pixel mask of ``task``: image (B, 3, H, W) in [-1, 1] (for sr: the low-res
     image), mask (B, 1, H, W) 1 = draw (inpaint, outpaint). -> (source (B, 3, R, R), mask (B, 1, R, R))."""
@@ -287,7 +304,8 @@ def generate_task(pipe, task: str, images: torch.Tensor, masks: torch.Tensor | N
     """``n`` outputs of ``task`` for each input image (input-major): images (P, 3, H, W) in [-1, 1] at the
     pipeline's resolution (sr: the low-res images, 1/2 or 1/4 of it), masks (P, 1, H, W) 1 = draw
     (inpaint, outpaint), one prompt per image for a text model. ``composite`` pastes the kept pixels of
-    the input back over the masked tasks' outputs. -> (P * n, 3, R, R) float32 in [-1, 1] on the CPU."""
+    the input back over the masked tasks' outputs, and makes sr's outputs agree with the low-res input
+    (``consistent``). -> (P * n, 3, R, R) float32 in [-1, 1] on the CPU."""
     from ldm.pipeline import encode_prompts, initial_noise, sample_latents, sampling_sigmas
 
     check_serves(model_task(pipe.unet, pipe.meta), task, str(pipe.meta.get("source", "the pipeline")))
@@ -331,6 +349,8 @@ def generate_task(pipe, task: str, images: torch.Tensor, masks: torch.Tensor | N
         if composite and task in MASKED_TASKS:
             m = mask[rows.cpu()]
             x = m * x + (1 - m) * images[rows.cpu()].float()
+        if composite and task == "sr":
+            x = consistent(x, images[rows.cpu()].float())
         out.append(x)
     return torch.cat(out)
 

@@ -72,7 +72,6 @@ class UNetConfig:
     pooled_context: bool = False
     # LayerNorm (learned scale and shift) over each text token before anything reads it: a sentence
     # encoder's states carry a few outsized dimensions that would otherwise dominate the keys and the pool.
-    # With varied captions (ldm.data.wording) it brought position from 43.5% to 99.5% after 1500 steps.
     context_norm: bool = False
     # Class-conditional: a learned embedding of the label (num_classes + 1 rows, the last one the "null"
     # class of classifier-free guidance) added to the timestep embedding, as in ADM (Dhariwal & Nichol
@@ -128,9 +127,10 @@ UNET_CONFIGS: dict[str, UNetConfig] = {
     # (measured on the built-in shapes when the small ones were 7 px). 8 heads, 4 and 8 wide (why more
     # heads help is a guess: each can attend to its own word). Shape+colour+position of 400 held-out
     # prompts after the demo's 1500 steps (seeds 0 / 2): 2 heads 73.5 / 79.8%, 4 heads 87.2 / 85.2%,
-    # 8 heads 93.2 / 93.0% for 8% more step time; 16 heads: 89.0 / 91.5% for 27% more than 8.
+    # 8 heads 93.2 / 93.0% for 8% more step time; 16 heads: 89.0 / 91.5% for 27% more than 8. context_norm:
+    # docs/wording/NOTES.md (seeds 0 / 1: in-distribution 89.5 / 95.5% -> 93.0 / 97.5%).
     "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
-                       mid_attention=False, num_heads=8, context_dim=384, pooled_context=True),
+                       mid_attention=False, num_heads=8, context_dim=384, pooled_context=True, context_norm=True),
     # A GPU model for 32 x 32 latents (256 x 256 images) with a CLIP-sized text encoder.
     "small": UNetConfig(model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,
                         attention_levels=(1, 2), num_heads=8, context_dim=768),

@@ -368,6 +368,36 @@ def test_repaint_keeps_the_known_region_and_follows_the_model(seed):
         assert all(0.3 < r < 2.0 for r in seen)  # the kept region was noised to each step's level
 
 
+def test_consistent_projects_onto_the_inputs_averages_and_nears_the_truth(seed):
+    """Float64, fresh images: away from the clamp one round makes the area averages equal the input exactly
+    and is the nearest such image; with the clamp active every round still brings the output nearer the
+    truth whose average the input is, and the gap to the input shrinks."""
+    g = torch.Generator().manual_seed(seed)
+    truth = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64) - 0.5  # inside [-1, 1] with room
+    guess = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64) - 0.5
+    low = i2i.downsample(truth, 4)  # (3, 3, 4, 4)
+    once = i2i.consistent(guess, low, rounds=1)
+    torch.testing.assert_close(i2i.downsample(once, 4), low, rtol=0, atol=1e-12)
+    # the nearest image with those averages: any other one (guess + a zero-average change) lies farther
+    change = torch.randn(3, 3, 16, 16, generator=g, dtype=torch.float64)
+    change = change - F.interpolate(i2i.downsample(change, 4), scale_factor=4, mode="nearest")
+    assert (once - guess).norm() < (once + 0.1 * change - guess).norm()
+    # near the clamp: values pushed out of [-1, 1]
+    truth = torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1
+    low = i2i.downsample(truth, 4)
+    x = (torch.rand(3, 3, 16, 16, generator=g, dtype=torch.float64) * 2 - 1).sign()  # all at the bounds
+    errors, gaps = [(x - truth).norm()], [(i2i.downsample(x, 4) - low).abs().max()]
+    for _ in range(20):
+        x = i2i.consistent(x, low, rounds=1)
+        assert x.abs().max() <= 1
+        errors.append((x - truth).norm())
+        gaps.append((i2i.downsample(x, 4) - low).abs().max())
+    assert all(b <= a + 1e-12 for a, b in zip(errors, errors[1:])) and errors[-1] < errors[0]
+    assert gaps[-1] < 0.1 * gaps[1]
+    torch.testing.assert_close(i2i.consistent(torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 2, 2)),
+                               torch.zeros(1, 3, 8, 8))
+
+
 def test_eval_image2image_reports_every_task(palette, assets, tmp_path):
     import ldm.eval_image2image as eval_cmd
 
@@ -382,6 +412,9 @@ def test_eval_image2image_reports_every_task(palette, assets, tmp_path):
         assert reports[t]["kept_max_abs_diff"] == 0 and "kept_psnr_raw" in reports[t]
     sr = reports["sr"]
     assert sr["factor"] == 4 and 0 < sr["bicubic_psnr"] < 60 and -1 <= sr["ssim"] <= 1
+    # the input is the truth's area average: agreeing with it never moves an image away from the truth
+    assert sr["psnr"] >= sr["psnr_raw"] and sr["bicubic_consistent_psnr"] >= sr["bicubic_psnr"]
+    assert sr["input_gap"] < 0.05
     for t in i2i.TASKS:
         assert 0 <= reports[t]["read"]["shape+colour+position"] <= 1
         assert Image.open(tmp_path / f"s-{t}.png").size[1] > 4 * RESOLUTION
