@@ -1,18 +1,23 @@
 """`python -m ldm.teach_shape`: the fine-tuning demo on the CPU. Teach the demo model (``make demo``'s
-runs/unet, which knows circles, squares, triangles and crosses) a shape it never saw, a star, with LoRA.
+runs/unet, which knows circles, squares, triangles and crosses) a shape it never saw, a heart, with LoRA.
 
-    python -m ldm.teach_shape data --out runs/stars                       # 40 captioned stars + 200 old scenes
-    python -m ldm.teach_shape decoder --vae runs/vae --data runs/stars --out runs/star-vae   # the VAE learns stars
-    python -m ldm.train_unet --text --init-from runs/unet --vae runs/star-vae --data runs/stars --out runs/star-lora \\
+    python -m ldm.teach_shape data --out runs/hearts                      # 40 captioned hearts + 200 old scenes
+    python -m ldm.train_unet --text --init-from runs/unet --data runs/hearts --out runs/heart-lora \\
         --lora 8 --lora-targets attn+ff --lr 3e-3 --steps 600 --batch-size 32 --val-every 0 --threads 1
-    python -m ldm.teach_shape eval --unet runs/star-lora --base runs/unet --grid stars.png
+    python -m ldm.teach_shape eval --unet runs/heart-lora --base runs/unet --grid hearts.png
 
-``data`` writes the star scenes (``ldm.data.stars``: the built-in scenes' colours, sizes, positions,
-backgrounds and caption templates, with a star) and, with ``--replay``, ordinary scenes of the built-in
-training stream, so the fine-tune keeps seeing the old shapes. ``eval`` samples held-out star prompts (no
-colour, size, position and background of a training star) and the 200 held-out prompts of ``eval_text``,
-and reads them back with the attribute reader that knows the star too (``ldm.metrics.evaluate_prompts``):
-the share drawn as a star, and the old prompts' score beside the ``--base`` model's.
+    # a star: the demo VAE decodes stars as blobs, so its decoder learns them first
+    python -m ldm.teach_shape data --shape star --out runs/stars
+    python -m ldm.teach_shape decoder --vae runs/vae --data runs/stars --out runs/star-vae
+    python -m ldm.teach_shape eval --shape star --unet runs/star-lora
+
+``data`` writes the scenes of the new shape (``ldm.data.new_shapes``: the built-in scenes' colours, sizes,
+positions, backgrounds and caption templates, with a heart or a star) and, with ``--replay``, ordinary
+scenes of the built-in training stream, so the fine-tune keeps seeing the old shapes. ``eval`` samples
+held-out prompts of the shape (no colour, size, position and background of a taught scene) and the 200
+held-out prompts of ``eval_text``, and reads them back with the attribute reader that knows the new shape
+too (``ldm.metrics.evaluate_prompts``): the share drawn as the new shape, and the old prompts' score
+beside the ``--base`` model's.
 """
 
 from __future__ import annotations
@@ -22,26 +27,26 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.data.shapes import NEW_SHAPES, SHAPES
-from ldm.data.stars import star_prompts, write_star_folder
+from ldm.data.new_shapes import DEMO_SHAPE, held_out_prompts, reader_shapes, write_shape_folder
+from ldm.data.shapes import NEW_SHAPES
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.metrics import DEFAULT_N, HEADLINE, evaluate_prompts
 from ldm.pipeline import load_pipeline
 from ldm.runlog import labelled_rows
 
-READER = SHAPES + NEW_SHAPES
-GRID_PROMPTS, GRID_N = 6, 6  # the picture: six star prompts and two old ones, six samples each
+GRID_PROMPTS, GRID_N = 6, 6  # the picture: six new-shape prompts and two old ones, six samples each
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ldm.teach_shape", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     sub = p.add_subparsers(dest="what", required=True)
-    d = sub.add_parser("data", help="write the captioned star scenes (and old ones) as an image folder",
+    d = sub.add_parser("data", help="write the captioned scenes of the new shape (and old ones) as an image folder",
                        allow_abbrev=False)
+    d.add_argument("--shape", default=DEMO_SHAPE, choices=NEW_SHAPES, help=f"the new shape (default {DEMO_SHAPE})")
     d.add_argument("--out", required=True, help="the folder to write (PNGs and metadata.jsonl)")
-    d.add_argument("--n", type=int, default=40, help="star scenes (default 40)")
+    d.add_argument("--n", type=int, default=40, help="scenes of the new shape (default 40)")
     d.add_argument("--replay", type=int, default=200, help="old scenes of the built-in training stream (default 200)")
     d.add_argument("--resolution", type=int, default=32, help="pixels (default 32, the demo's)")
     v = sub.add_parser("decoder", help="teach the VAE's decoder the new pictures (encoder frozen: same latents)",
@@ -53,17 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--batch-size", type=int, default=32, help="pictures a step (default 32)")
     v.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default 1e-3)")
     v.add_argument("--threads", type=int, default=None, help="CPU threads (default: PyTorch's)")
-    e = sub.add_parser("eval", help="score the fine-tuned model on held-out star prompts and the old prompts",
+    e = sub.add_parser("eval", help="score the fine-tuned model on held-out prompts of the new shape and the old ones",
                        allow_abbrev=False)
+    e.add_argument("--shape", default=DEMO_SHAPE, choices=NEW_SHAPES, help=f"the shape taught (default {DEMO_SHAPE})")
     e.add_argument("--unet", required=True, metavar="DIR", help="the fine-tuned model (train_unet --out)")
     e.add_argument("--base", default=None, metavar="DIR",
                    help="the model before fine-tuning, scored on the old prompts")
     e.add_argument("--n", type=int, default=DEFAULT_N, help=f"prompts of each kind (default {DEFAULT_N})")
-    e.add_argument("--train-stars", type=int, default=40, help="star scenes the model was taught (data --n): "
-                                                                  "the held-out prompts avoid their attributes")
+    e.add_argument("--taught", type=int, default=40, help="scenes of the shape the model was taught (data --n): "
+                                                            "the held-out prompts avoid their attributes")
     e.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     e.add_argument("--device", default="auto")
-    e.add_argument("--grid", default=None, metavar="PNG", help="also draw a labelled picture of star and old prompts")
+    e.add_argument("--grid", default=None, metavar="PNG", help="also draw a labelled picture of new and old prompts")
     e.add_argument("--json", default=None, metavar="FILE", help="also write the scores as JSON")
     return p
 
@@ -78,8 +84,8 @@ def run(args: argparse.Namespace) -> int:
     if args.what == "data":
         if args.replay < 0:
             raise InputError(f"--replay must be >= 0, got {args.replay}")
-        out = write_star_folder(args.out, args.n, args.resolution, args.replay)
-        print(f"teach_shape: wrote {args.n} star scenes and {args.replay} old ones to {out}", file=sys.stderr)
+        out = write_shape_folder(args.out, args.n, args.shape, args.resolution, args.replay)
+        print(f"teach_shape: wrote {args.n} {args.shape} scenes and {args.replay} old ones to {out}", file=sys.stderr)
         return 0
     if args.what == "decoder":
         import torch
@@ -103,15 +109,18 @@ def run(args: argparse.Namespace) -> int:
         return 0
     device = resolve_device(args.device)
     pipe = load_pipeline(args.unet, device=device)
-    stars = star_prompts(args.n, args.train_stars)
-    new = evaluate_prompts(pipe, args.n, seed=args.seed, pairs=stars, shapes=READER, return_images=True)
-    old = evaluate_prompts(pipe, args.n, seed=args.seed, shapes=READER)
-    result = {"stars": summary(new), "old": summary(old)}
-    print(f"teach_shape: held-out star prompts drawn as a star {100 * new['shape']:.1f}% of {args.n} "
+    if args.taught < 0:
+        raise InputError(f"--taught must be >= 0, got {args.taught}")
+    reader = reader_shapes(args.shape)
+    prompts = held_out_prompts(args.n, args.taught, args.shape)
+    new = evaluate_prompts(pipe, args.n, seed=args.seed, pairs=prompts, shapes=reader)
+    old = evaluate_prompts(pipe, args.n, seed=args.seed, shapes=reader)
+    result = {"shape": args.shape, "new": summary(new), "old": summary(old)}
+    print(f"teach_shape: held-out {args.shape} prompts drawn as a {args.shape} {100 * new['shape']:.1f}% of {args.n} "
           f"({HEADLINE} {100 * new[HEADLINE]:.1f}%); old prompts {HEADLINE} {100 * old[HEADLINE]:.1f}%",
           file=sys.stderr)
     if args.base is not None:
-        before = evaluate_prompts(load_pipeline(args.base, device=device), args.n, seed=args.seed, shapes=READER)
+        before = evaluate_prompts(load_pipeline(args.base, device=device), args.n, seed=args.seed, shapes=reader)
         result["old_before"] = summary(before)
         print(f"teach_shape: old prompts before {100 * before[HEADLINE]:.1f}%, a change of "
               f"{100 * (old[HEADLINE] - before[HEADLINE]):+.1f} points", file=sys.stderr)
@@ -119,7 +128,7 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from ldm.data.shapes import eval_prompts
-        texts = [t for _, t in stars[:GRID_PROMPTS]] + [t for _, t in eval_prompts(2)]
+        texts = [t for _, t in prompts[:GRID_PROMPTS]] + [t for _, t in eval_prompts(2)]
         images = torch.cat([pipe(t, n=GRID_N, seed=args.seed, output="pt") for t in texts])  # (8 * n, 3, H, W)
         labelled_rows(images, texts).save(args.grid)
         print(f"teach_shape: wrote {args.grid}", file=sys.stderr)
