@@ -6,6 +6,8 @@ runs/unet, which knows circles, squares, triangles and crosses) a shape it never
         --lora 8 --lora-targets attn+ff --lr 3e-3 --steps 600 --batch-size 32 --val-every 0 --threads 1
     python -m ldm.teach_shape eval --unet runs/heart-lora --base runs/unet --grid hearts.png
 
+    python -m ldm.teach_shape vae --vae runs/vae           # which new shapes survive the VAE: hearts do, stars not
+
     # a star: the demo VAE decodes stars as blobs, so its decoder learns them first
     python -m ldm.teach_shape data --shape star --out runs/stars
     python -m ldm.teach_shape decoder --vae runs/vae --data runs/stars --out runs/star-vae
@@ -49,6 +51,14 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=40, help="scenes of the new shape (default 40)")
     d.add_argument("--replay", type=int, default=200, help="old scenes of the built-in training stream (default 200)")
     d.add_argument("--resolution", type=int, default=32, help="pixels (default 32, the demo's)")
+    r = sub.add_parser("vae", help="how many held-out scenes of each new shape survive the VAE, read back",
+                       allow_abbrev=False)
+    r.add_argument("--vae", required=True, metavar="DIR", help="the demo's VAE (runs/vae) or a tuned one")
+    r.add_argument("--shape", nargs="+", default=list(NEW_SHAPES), choices=NEW_SHAPES,
+                   help="the new shapes to try (default: all)")
+    r.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes of each (default {DEFAULT_N})")
+    r.add_argument("--taught", type=int, default=40, help="taught scenes whose attributes the held-out ones avoid")
+    r.add_argument("--json", default=None, metavar="FILE", help="also write the counts as JSON")
     v = sub.add_parser("decoder", help="teach the VAE's decoder the new pictures (encoder frozen: same latents)",
                        allow_abbrev=False)
     v.add_argument("--vae", required=True, metavar="DIR", help="the demo's VAE (runs/vae)")
@@ -78,6 +88,47 @@ def summary(r: dict) -> dict:
     return {k: r[k] for k in ("n", "shape", "colour", "position", "size", HEADLINE, "all", "seconds")}
 
 
+def vae_ceiling(args: argparse.Namespace) -> int:
+    """``vae``: each new shape's held-out scenes and as many old ones, rendered, through the VAE, read back."""
+    import torch
+
+    from ldm.data.new_shapes import render_new
+    from ldm.data.shapes import ShapesDataset, read_attributes, render, to_tensor
+    from ldm.finetune import round_trip
+    from ldm.pretrained import load_vae
+
+    if args.taught < 0:
+        raise InputError(f"--taught must be >= 0, got {args.taught}")
+    try:
+        vae, meta = load_vae(args.vae)
+    except (FileNotFoundError, ValueError) as e:
+        raise InputError(str(e)) from None
+    res = meta["resolution"]
+    old = ShapesDataset(res, seed=0, split="eval")
+    old_attrs = [old.attributes(i) for i in range(args.n)]
+    old_back = round_trip(vae, torch.stack([to_tensor(render(a, res)) for a in old_attrs]))  # (n, 3, H, W)
+    result = {}
+    for shape in args.shape:
+        reader = reader_shapes(shape)
+        attrs = [a for a, _ in held_out_prompts(args.n, args.taught, shape)]
+        images = [render_new(a, res) for a in attrs]
+        back = round_trip(vae, torch.stack([to_tensor(x) for x in images]))  # (n, 3, H, W)
+        small = [a["size"] == "small" for a in attrs]
+        read = [read_attributes(x, reader)["shape"] == shape for x in back]
+        result[shape] = {"n": args.n, "rendered": sum(read_attributes(x, reader)["shape"] == shape for x in images),
+                         "after_vae": sum(read), "small_after_vae": sum(r and s for r, s in zip(read, small, strict=True)),
+                         "small": sum(small),
+                         "old_after_vae": sum(read_attributes(x, reader)["shape"] == a["shape"]
+                                              for x, a in zip(old_back, old_attrs, strict=True))}
+        r = result[shape]
+        print(f"teach_shape: {shape}: {r['after_vae']} of {args.n} held-out scenes read as a {shape} after {args.vae} "
+              f"(small ones {r['small_after_vae']} of {r['small']}; rendered {r['rendered']}); old shapes "
+              f"{r['old_after_vae']} of {args.n}", file=sys.stderr)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
 def run(args: argparse.Namespace) -> int:
     if getattr(args, "n", 1) <= 0:
         raise InputError(f"--n must be positive, got {args.n}")
@@ -87,6 +138,8 @@ def run(args: argparse.Namespace) -> int:
         out = write_shape_folder(args.out, args.n, args.shape, args.resolution, args.replay)
         print(f"teach_shape: wrote {args.n} {args.shape} scenes and {args.replay} old ones to {out}", file=sys.stderr)
         return 0
+    if args.what == "vae":
+        return vae_ceiling(args)
     if args.what == "decoder":
         import torch
 

@@ -128,3 +128,27 @@ def test_tune_decoder_keeps_the_latents(tmp_path, seed):
         err_before = torch.nn.functional.mse_loss(before.decode(z), x.repeat(4, 1, 1, 1)).item()
         err_after = torch.nn.functional.mse_loss(after.decode(z), x.repeat(4, 1, 1, 1)).item()
     assert err_after < 0.92 * err_before, (err_before, err_after)  # measured: 16-20% lower
+
+
+def test_vae_ceiling_counts_what_survives_the_round_trip(tmp_path, seed):
+    """``teach_shape vae``: the counts are the reader's verdicts on ``round_trip``'s pictures, which are the
+    VAE's decoding of its posterior mode, whatever the batching."""
+    from ldm.data.shapes import to_tensor
+    from ldm.finetune import round_trip
+    from ldm.pretrained import load_vae
+    from t2i_helpers import RESOLUTION, make_vae
+
+    src = make_vae(tmp_path / "vae", seed)
+    vae, _ = load_vae(src)
+    n = 5
+    assert teach_shape.main(["vae", "--vae", str(src), "--n", str(n), "--json", str(tmp_path / "c.json")]) == 0
+    counts = json.loads((tmp_path / "c.json").read_text())
+    assert set(counts) == set(NEW_SHAPES)
+    for shape, c in counts.items():
+        x = torch.stack([to_tensor(render_new(a, RESOLUTION)) for a, _ in held_out_prompts(n, 40, shape)])
+        back = round_trip(vae, x, batch_size=2)  # (n, 3, R, R), three batches
+        with torch.no_grad():
+            assert torch.allclose(back, vae.decode(vae.encode(x).mode()).clamp(-1, 1), atol=1e-5)
+        assert c["after_vae"] == sum(read_attributes(b, reader_shapes(shape))["shape"] == shape for b in back)
+        assert c["n"] == n and 0 <= c["small_after_vae"] <= c["small"] <= n and 0 <= c["old_after_vae"] <= n
+    assert teach_shape.main(["vae", "--vae", str(tmp_path / "none")]) == 2
