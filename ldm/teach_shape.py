@@ -3,7 +3,7 @@ runs/unet, which knows circles, squares, triangles and crosses) a shape it never
 
     python -m ldm.teach_shape data --out runs/hearts                      # 40 captioned hearts + 200 old scenes
     python -m ldm.train_unet --text --init-from runs/unet --data runs/hearts --out runs/heart-lora \\
-        --lora 8 --lora-targets attn+ff --lr 3e-3 --steps 600 --batch-size 32 --val-every 0 --threads 1
+        --lora 8 --lora-targets attn+ff --lr 5e-3 --steps 600 --batch-size 32 --val-every 0 --threads 1
     python -m ldm.teach_shape eval --unet runs/heart-lora --base runs/unet --grid hearts.png
 
     python -m ldm.teach_shape vae --vae runs/vae           # which new shapes survive the VAE: hearts do, stars not
@@ -13,12 +13,15 @@ runs/unet, which knows circles, squares, triangles and crosses) a shape it never
     python -m ldm.teach_shape decoder --vae runs/vae --data runs/stars --out runs/star-vae
     python -m ldm.teach_shape eval --shape star --unet runs/star-lora
 
-``data`` writes the scenes of the new shape (``ldm.data.new_shapes``: the built-in scenes' colours, sizes,
-positions, backgrounds and caption templates, with a heart or a star) and, with ``--replay``, ordinary
-scenes of the built-in training stream, so the fine-tune keeps seeing the old shapes. ``eval`` samples
-held-out prompts of the shape (no colour, size, position and background of a taught scene) and the 200
-held-out prompts of ``eval_text``, and reads them back with the attribute reader that knows the new shape
-too (``ldm.metrics.evaluate_prompts``): the share drawn as the new shape, and the old prompts' score
+``vae`` renders held-out scenes of each new shape, encodes and decodes them with the VAE and reads them
+back: a shape that does not survive the VAE cannot be sampled through it (the demo VAE keeps 200 of 200
+hearts and 20 of 200 stars; ``decoder`` teaches it stars). ``data`` writes the scenes of the new shape
+(``ldm.data.new_shapes``: the built-in scenes' colours, sizes, positions, backgrounds and caption
+templates, with a heart or a star) and, with ``--replay``, ordinary scenes of the built-in training
+stream, so the fine-tune keeps seeing the old shapes. ``eval`` samples held-out prompts of the shape (no
+colour, size, position and background of a taught scene) and the 200 held-out prompts of ``eval_text``,
+and reads them back with the attribute reader that knows the new shape too
+(``ldm.metrics.evaluate_prompts``): the share drawn as the new shape, and the old prompts' score
 beside the ``--base`` model's.
 """
 
