@@ -119,8 +119,8 @@ def vae_ceiling(args: argparse.Namespace) -> int:
         small = [a["size"] == "small" for a in attrs]
         read = [read_attributes(x, reader)["shape"] == shape for x in back]
         result[shape] = {"n": args.n, "rendered": sum(read_attributes(x, reader)["shape"] == shape for x in images),
-                         "after_vae": sum(read), "small_after_vae": sum(r and s for r, s in zip(read, small, strict=True)),
-                         "small": sum(small),
+                         "after_vae": sum(read), "small": sum(small),
+                         "small_after_vae": sum(r and s for r, s in zip(read, small, strict=True)),
                          "old_after_vae": sum(read_attributes(x, reader)["shape"] == a["shape"]
                                               for x, a in zip(old_back, old_attrs, strict=True))}
         r = result[shape]
