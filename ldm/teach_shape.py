@@ -41,6 +41,7 @@ from ldm.pipeline import load_pipeline
 from ldm.runlog import labelled_rows
 
 GRID_PROMPTS, GRID_N = 6, 6  # the picture: six new-shape prompts and two old ones, six samples each
+GRID_SCALE = 3  # screen pixels per image pixel: a small heart is 9 pixels wide
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -175,8 +176,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"teach_shape: held-out {args.shape} prompts drawn as a {args.shape} {100 * new['shape']:.1f}% of {args.n} "
           f"({HEADLINE} {100 * new[HEADLINE]:.1f}%); old prompts {HEADLINE} {100 * old[HEADLINE]:.1f}%",
           file=sys.stderr)
-    if args.base is not None:
-        before = evaluate_prompts(load_pipeline(args.base, device=device), args.n, seed=args.seed, shapes=reader)
+    base = load_pipeline(args.base, device=device) if args.base is not None else None
+    if base is not None:
+        before = evaluate_prompts(base, args.n, seed=args.seed, shapes=reader)
         result["old_before"] = summary(before)
         print(f"teach_shape: old prompts before {100 * before[HEADLINE]:.1f}%, a change of "
               f"{100 * (old[HEADLINE] - before[HEADLINE]):+.1f} points", file=sys.stderr)
@@ -184,9 +186,13 @@ def run(args: argparse.Namespace) -> int:
         import torch
 
         from ldm.data.shapes import eval_prompts
-        texts = [t for _, t in prompts[:GRID_PROMPTS]] + [t for _, t in eval_prompts(2)]
-        images = torch.cat([pipe(t, n=GRID_N, seed=args.seed, output="pt") for t in texts])  # (8 * n, 3, H, W)
-        labelled_rows(images, texts).save(args.grid)
+        rows = [(pipe, t, t) for _, t in prompts[:GRID_PROMPTS]]  # (model, prompt, label)
+        if base is not None:  # each new-shape prompt drawn by the model before the fine-tune too, the row above
+            rows = [r for _, t in prompts[:GRID_PROMPTS]
+                    for r in ((base, t, f"{t}\n(before the fine-tune)"), (pipe, t, f"{t}\n(after)"))]
+        rows += [(pipe, t, t) for _, t in eval_prompts(2)]
+        images = torch.cat([p(t, n=GRID_N, seed=args.seed, output="pt") for p, t, _ in rows])  # (rows * n, 3, H, W)
+        labelled_rows(images, [label for _, _, label in rows], scale=GRID_SCALE).save(args.grid)
         print(f"teach_shape: wrote {args.grid}", file=sys.stderr)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

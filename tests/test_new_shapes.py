@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from ldm import teach_shape
 from ldm.data.new_shapes import COMBO, held_out_prompts, reader_shapes, render_new, training_scenes
@@ -152,3 +153,26 @@ def test_vae_ceiling_counts_what_survives_the_round_trip(tmp_path, seed):
         assert c["after_vae"] == sum(read_attributes(b, reader_shapes(shape))["shape"] == shape for b in back)
         assert c["n"] == n and 0 <= c["small_after_vae"] <= c["small"] <= n and 0 <= c["old_after_vae"] <= n
     assert teach_shape.main(["vae", "--vae", str(tmp_path / "none")]) == 2
+
+
+def test_eval_scores_the_new_and_the_old_prompts_and_draws_before_and_after(tmp_path, tmp_path_factory):
+    """``teach_shape eval`` on the tests' tiny text-to-image model: with ``--base`` the same model, the old
+    prompts score the same before and after (same prompts, same noise); the picture has a before and an
+    after row for each new-shape prompt and one row for each of two old prompts."""
+    from conftest import SESSION_SEED
+    from t2i_helpers import RESOLUTION, shared_assets
+
+    from ldm.data.shapes import eval_prompts
+
+    unet = str(shared_assets(tmp_path_factory, SESSION_SEED % 1000)["unet"])
+    n = 3
+    assert teach_shape.main(["eval", "--unet", unet, "--base", unet, "--n", str(n), "--grid", str(tmp_path / "g.png"),
+                             "--json", str(tmp_path / "s.json")]) == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert scores["shape"] == "heart" and scores["new"]["n"] == scores["old"]["n"] == n
+    assert {k: v for k, v in scores["old_before"].items() if k != "seconds"} == \
+        {k: v for k, v in scores["old"].items() if k != "seconds"}
+    labels = [t for _, t in held_out_prompts(n, 40, "heart") for _ in range(2)] + [t for _, t in eval_prompts(2)]
+    want = labelled_rows(torch.zeros(len(labels) * teach_shape.GRID_N, 3, RESOLUTION, RESOLUTION), labels,
+                         scale=teach_shape.GRID_SCALE)
+    assert Image.open(tmp_path / "g.png").size == want.size
