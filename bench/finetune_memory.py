@@ -46,7 +46,8 @@ def main() -> int:
     with torch.device("meta"):
         unet = UNet(unet_config("sd15"))
     n = count_parameters(unet)
-    print(f"sd15 UNet: {n} parameters, fp32 weights {4 * n / GIB:.2f} GiB (gradients the same, AdamW 2x, EMA 1x)")
+    print(f"sd15 UNet: {n} parameters, fp32 weights {4 * n / GIB:.2f} GiB (gradients the same, AdamW 2x, EMA 1x); "
+          f"8-bit AdamW moments {(2 + 8 / 256) * n / GIB:.2f} GiB (a byte each + a float32 scale per 256)")
     for ckpt in (False, True):
         one, two = saved_bytes(ckpt, 1), saved_bytes(ckpt, 2)
         print(f"gradient checkpointing {ckpt}: activations {(two - one) / GIB:.2f} GiB per image, "

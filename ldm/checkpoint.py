@@ -137,30 +137,40 @@ def load_tensors(path: str | Path, what: str = "weights") -> dict[str, torch.Ten
 
 
 # ---------------------------------------------------------------- nested state <-> tensors + JSON
-def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s"):
+def flatten_state(obj: Any, tensors: dict[str, torch.Tensor] | None = None, prefix: str = "s",
+                  seen: dict | None = None):
     """Split nested dicts/lists/tuples of tensors and JSON values into (tensors, JSON skeleton).
 
     Tensors are replaced in the skeleton by ``{"__tensor__": key}``; dict keys become strings
-    (integer keys, as in optimizer state, are tagged so they come back as integers).
+    (integer keys, as in optimizer state, are tagged so they come back as integers). A tensor met twice
+    (bitsandbytes' 8-bit optimizers share one quantisation map among all their parameters) is stored
+    once and comes back shared; another view of a stored tensor's memory is stored as a copy.
     """
     tensors = {} if tensors is None else tensors
+    seen = {} if seen is None else seen
     if isinstance(obj, torch.Tensor):
-        key = f"{prefix}"
-        tensors[key] = obj
-        return tensors, {_TENSOR_TAG: key}
+        if id(obj) in seen:
+            return tensors, {_TENSOR_TAG: seen[id(obj)]}
+        if obj.numel():
+            if ("memory", obj.untyped_storage().data_ptr()) in seen:
+                obj = obj.clone()  # safetensors refuses two entries over one memory
+            seen[("memory", obj.untyped_storage().data_ptr())] = prefix
+        seen[id(obj)] = prefix
+        tensors[prefix] = obj
+        return tensors, {_TENSOR_TAG: prefix}
     if isinstance(obj, dict):
         items = []
         for i, (k, v) in enumerate(obj.items()):
             if not isinstance(k, (str, int)):
                 raise TypeError(f"cannot save a dict key of type {type(k).__name__} ({k!r})")
-            _, sk = flatten_state(v, tensors, f"{prefix}.{i}")
+            _, sk = flatten_state(v, tensors, f"{prefix}.{i}", seen)
             items.append([k, sk])
         return tensors, {"__dict__": items}
     if isinstance(obj, (list, tuple)):
-        out = [flatten_state(v, tensors, f"{prefix}.{i}")[1] for i, v in enumerate(obj)]
+        out = [flatten_state(v, tensors, f"{prefix}.{i}", seen)[1] for i, v in enumerate(obj)]
         return tensors, ({"__tuple__": out} if isinstance(obj, tuple) else out)
     if isinstance(obj, np.ndarray):
-        return flatten_state(torch.from_numpy(obj.copy()), tensors, prefix)
+        return flatten_state(torch.from_numpy(obj.copy()), tensors, prefix, seen)
     if isinstance(obj, (np.integer, np.floating)):
         return tensors, obj.item()
     if obj is None or isinstance(obj, (bool, int, float, str)):

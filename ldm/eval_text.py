@@ -8,6 +8,7 @@
     python -m ldm.eval_text --split "held-out wording" --split noisy   # two of the four splits
     python -m ldm.eval_text --decoder runs/decoder --prior runs/prior       # unCLIP: prior + decoder
     python -m ldm.eval_text --decoder runs/decoder --variations            # variations keep the source's attributes
+    python -m ldm.eval_text --split in-distribution --diversity 8          # + distinct images of 8 per prompt
 
 Four splits of prompts (``ldm.data.wording.split_prompts``), each on its own line, all scenes from the
 held-out image stream: "in-distribution" (the training templates, combinations seen in training),
@@ -20,6 +21,10 @@ of images whose shape, colour, size, position
 and background match the prompt, each on its own; the headline "shape+colour+position" (all
 three right in the same image); and "all" five. ``--sampler NAME:STEPS`` may repeat: every run
 uses the same prompts and the same starting noise, so the rows differ by the sampler only.
+``--diversity K`` also draws K samples of each of the first ``--diversity-prompts`` held-out prompts
+and reports how many distinct images each gets and how far apart they lie, beside K fresh renders of
+the data (``ldm.diversity``; the first --sampler; with --guide-clip guided, with --decoder through
+the prior or as variations).
 """
 
 from __future__ import annotations
@@ -30,12 +35,12 @@ import sys
 from pathlib import Path
 
 
-from ldm import unclip_decoder
+from ldm import diversity, unclip_decoder
 from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.metrics import ATTRIBUTES, DEFAULT_N, HEADLINE, evaluate_prompts
-from ldm.pipeline import load_pipeline
+from ldm.pipeline import generate, load_pipeline
 from ldm.pretrained import DEFAULT_SAMPLER, DEFAULT_STEPS
 from ldm.prompt_sheet import prompt_sheet, sheet_rows
 from ldm.runlog import image_grid
@@ -92,10 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--clip-guidance", type=float, default=10.0, metavar="S",
                    help="with --guide-clip: the guidance scale (default 10)")
     unclip_decoder.add_eval_arguments(p)
+    diversity.add_arguments(p)
     return p
 
 
 def run(args: argparse.Namespace) -> int:
+    diversity.check_args(args)
     if args.decoder or args.prior or args.variations:
         return unclip_decoder.run_eval(args)
     if args.n <= 0 or args.batch_size <= 0 or args.steps <= 0:
@@ -154,13 +161,26 @@ def run(args: argparse.Namespace) -> int:
                   + (f" | CLIP score {r['clip_score']:.4f}" if "clip_score" in r else ""))
     guided = f", CLIP guidance {args.clip_guidance} by {args.guide_clip}" if guide_clip is not None else ""
     print(f"{args.n} prompts per split of the built-in shapes, cfg {cfg}, seed {args.seed}, model {args.unet}{guided}")
+    spread = None
+    if args.diversity:  # K samples of eval_text's first P held-out prompts, with the first --sampler
+        def draw(pairs, k):
+            texts = [t for _, t in pairs]
+            guide = None if guide_clip is None else clip_guide(guide_clip, texts, args.clip_guidance, pipe.schedule,
+                                                               pipe.latent_shape, device)
+            return generate(pipe, texts, n=k, sampler=runs[0][0], steps=runs[0][1], cfg=cfg, seed=args.seed,
+                            batch_size=args.batch_size, progress=args.progress,
+                            **({"guide": guide} if guide is not None else {}))
+
+        spread = diversity.evaluate_diversity(draw, args.diversity_prompts, args.diversity, diversity.vae_codec(pipe))
+        print(diversity.report(spread, "the model"))
     if args.sheet:
         Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
         prompt_sheet(sheet).save(args.sheet)
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unet": str(args.unet), "runs": results}, indent=2) + "\n")
+        path.write_text(json.dumps({"unet": str(args.unet), "runs": results,
+                                    **({"diversity": spread} if spread else {})}, indent=2) + "\n")
     return 0
 
 

@@ -13,7 +13,7 @@ from ldm.data import BUILTIN, is_builtin
 from ldm.distributed import Dist
 from ldm.errors import InputError
 from ldm.lora import LoRAConfig
-from ldm.trainer import check_positive
+from ldm.trainer import check_optimizer, check_positive
 from ldm.unet import UNetConfig
 
 if TYPE_CHECKING:
@@ -44,11 +44,13 @@ def parse_overrides(items: list[str]) -> dict:
 
 def check_config(c: TrainConfig, d: Dist) -> None:
     """InputError naming the flag for a value no run can take."""
-    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads"))
+    check_positive(c, ("steps", "batch_size", "ckpt_every", "log_every", "val_steps", "cache_images", "threads",
+                       "resolution"))
     check_positive(c, ("warmup", "val_every", "eval", "workers", "weight_decay", "grad_clip",
                        "min_snr_gamma"), strict=False)
     if c.lr <= 0:
         raise InputError(f"--lr must be positive, got {c.lr}")
+    check_optimizer(c.optimizer)
     if not 0 <= c.ema_decay < 1:
         raise InputError(f"--ema-decay must lie in [0, 1), got {c.ema_decay}")
     if not 0 <= c.t_focus <= 1:
@@ -88,8 +90,6 @@ def check_config(c: TrainConfig, d: Dist) -> None:
         if c.class_images <= 0 or c.prior_weight < 0 or c.batch_size % (2 * d.world):
             raise InputError(f"--class-prompt needs --class-images >= 1 (got {c.class_images}), --prior-weight >= 0 "
                              f"(got {c.prior_weight}) and an even --batch-size per process (got {c.batch_size})")
-    if c.lora and d.world > 1:
-        raise InputError("--lora trains in one process for now (its adapters sit outside DistributedDataParallel)")
     if c.lora < 0:
         raise InputError(f"--lora is a rank >= 1 (0: off), got {c.lora}")
     if c.lora:

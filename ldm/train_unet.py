@@ -10,6 +10,7 @@
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DOG_PHOTOS --class-prompt "a photo of a dog" \
         --class-images 200 --lr 5e-6 --steps 800 --out runs/dreambooth     # DreamBooth, captions "a photo of sks dog"
     python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --buckets --lora 16   # keep aspect ratios
+    python -m ldm.train_unet --text --init-from SD_FOLDER --data DIR --grad-checkpointing --optimizer adamw8bit
     python -m ldm.train_unet --text --task inpaint --out runs/inpaint   # image-conditioned (ldm.image2image):
     python -m ldm.train_unet --text --task palette --out runs/palette   # inpaint, outpaint, colorize, sr in one
     python -m ldm.train_unet --cond clip-image --clip runs/clip --out runs/decoder   # the unCLIP decoder
@@ -52,7 +53,7 @@ from ldm.distributed import init_distributed
 from ldm.errors import InputError
 from ldm.lora import LORA_TARGETS
 from ldm.image2image import TRAIN_TASKS
-from ldm.trainer import config_from_args, given_fields
+from ldm.trainer import OPTIMIZERS, config_from_args, given_fields
 from ldm.unclip_decoder import COND
 from ldm.unet import UNET_CONFIGS
 from ldm.unet_training import DEMO, EMA_WARMUP, TrainConfig, train
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--vae", default="runs/vae", metavar="DIR",
                       help="VAE folder from ldm.train_vae (default runs/vae); images are its resolution. With "
                            "--init-from: the folder's VAE unless given")
+    data.add_argument("--resolution", type=int, default=None, metavar="PX",
+                      help="images at this side instead of the VAE's (its convolutions take any multiple of its "
+                           "factor: the demo VAE serves a 64-px super-resolution stage); the UNet records its latent "
+                           "shape (default: the VAE's resolution)")
     data.add_argument("--data", default=None, metavar="DIR",
                       help="image folder (metadata.jsonl or .txt captions), or 'digits' for the real handwritten "
                            "digits (ldm.data.digits, at the VAE's resolution); default: the built-in shapes")
@@ -159,6 +164,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"steps of linear learning-rate warm-up (default {DEMO.warmup})")
     train.add_argument("--weight-decay", type=float, default=DEMO.weight_decay,
                        help=f"AdamW weight decay of weight matrices and kernels (default {DEMO.weight_decay})")
+    train.add_argument("--optimizer", choices=OPTIMIZERS, default=DEMO.optimizer,
+                       help="adamw (PyTorch's, fused on CPU and CUDA) or adamw8bit (bitsandbytes' 8-bit moments: "
+                            "2 bytes of state per parameter instead of 8; needs bitsandbytes) "
+                            f"(default {DEMO.optimizer})")
     train.add_argument("--grad-clip", type=float, default=DEMO.grad_clip,
                        help=f"clip the gradient norm to this; 0 turns clipping off (default {DEMO.grad_clip})")
     train.add_argument("--ema-decay", type=float, default=DEMO.ema_decay,

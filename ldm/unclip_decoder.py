@@ -317,7 +317,8 @@ def run_eval(args) -> int:
     if args.prior:
         from ldm.unclip import load_prior
 
-        r = evaluate_unclip(pipe, clip, load_prior(args.prior)[0], args.n, **kwargs)
+        prior = load_prior(args.prior)[0]
+        r = evaluate_unclip(pipe, clip, prior, args.n, **kwargs)
     else:
         r = evaluate_variations(pipe, clip, args.n, **kwargs)
     if args.clip:  # the CLIP score of eval_text --clip: each image against its prompt (its source's caption)
@@ -338,6 +339,18 @@ def run_eval(args) -> int:
           + (f" | CLIP score {r['clip_score']:.4f}" if "clip_score" in r else ""))
     print(f"{what}: {args.n} held-out prompts of the built-in shapes, {sampler} {kwargs['steps']} steps, cfg {cfg}, "
           f"seed {args.seed}, decoder {args.decoder}")
+    if args.diversity:  # K images of each of the first P prompts (each its own prior sample) or sources
+        from ldm.data.shapes import render, to_tensor
+        from ldm.diversity import evaluate_diversity, report, vae_codec
+
+        def draw(pairs, k):
+            if args.prior:
+                return generate_unclip(pipe, clip, prior, [t for _, t in pairs], n=k, **kwargs)
+            sources = torch.stack([to_tensor(render(a, pipe.resolution)) for a, _ in pairs])  # (P, 3, H, W)
+            return variations(pipe, clip, sources, n=k, **kwargs)
+
+        r["diversity"] = evaluate_diversity(draw, args.diversity_prompts, args.diversity, vae_codec(pipe))
+        print(report(r["diversity"], "unCLIP" if args.prior else "variations"))
     if args.json:
         path = Path(args.json)
         path.parent.mkdir(parents=True, exist_ok=True)

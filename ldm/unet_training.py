@@ -37,7 +37,7 @@ from ldm.pipeline import Pipeline, generate
 from ldm.pretrained import DEFAULT_SAMPLER, TextEncoderSpec, UNetFile, load_vae
 from ldm.runlog import MetricsLog, Progress, image_grid, plot_curves, save_gif
 from ldm.train_checks import check_config, parse_overrides
-from ldm.trainer import (RunFolder, check_finite, learning_rate, restore,
+from ldm.trainer import (RunFolder, build_optimizer, check_finite, learning_rate, restore,
                          sigterm_as_interrupt)
 from ldm.unclip_decoder import attach_clip_embeddings, build_unet, check_train_config, decoder_fields
 from ldm.unet import count_parameters, unet_config
@@ -62,7 +62,8 @@ class TrainConfig:
     reaches 92-93% shape+colour+position (README, "What make demo does"); the target is 90%."""
 
     # data and cache
-    vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution
+    vae: str = "runs/vae"  # the VAE folder from train_vae; images are its resolution...
+    resolution: int | None = None  # ...or this one: a convolutional VAE encodes any multiple of its factor
     data: str | None = None  # an image folder, or "digits" (ldm.data.digits); None: the built-in shapes
     caption_column: str = "text"
     # The built-in shapes' captions: "templates", "varied" or "varied-drop" (ldm.data.wording). Varied captions
@@ -122,6 +123,7 @@ class TrainConfig:
     lr_schedule: str = "constant"  # after warm-up: "constant" or "cosine" (to 10% at the last step)
     warmup: int = 100
     weight_decay: float = 0.01  # AdamW, on weight matrices and kernels only
+    optimizer: str = "adamw"  # ldm.trainer.OPTIMIZERS: "adamw8bit" keeps both moments in 8 bits (bitsandbytes)
     grad_clip: float = 1.0  # 0: no clipping
     ema_decay: float = 0.999  # ceiling; the decay warms up as (1 + step) / (10 + step)
     seed: int = 0
@@ -141,11 +143,11 @@ class TrainConfig:
 
 DEMO = TrainConfig()
 # Fields that define a run: on resume they come from the checkpoint, and giving a different value is an error.
-RUN_FIELDS = ("vae", "data", "caption_column", "captions", "cache_images", "text", "text_encoder", "cfg_drop",
-              "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
+RUN_FIELDS = ("vae", "resolution", "data", "caption_column", "captions", "cache_images", "text", "text_encoder",
+              "cfg_drop", "class_cond", "task", "cond", "clip", "preset", "unet_override", "prediction", "schedule",
               "min_snr_gamma", "t_focus", "t_focus_mean", "t_focus_std", "batch_size", "lr", "lr_schedule",
-              "warmup", "weight_decay", "grad_clip", "ema_decay", "seed", "init_from", "lora", "lora_alpha",
-              "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
+              "warmup", "weight_decay", "optimizer", "grad_clip", "ema_decay", "seed", "init_from", "lora",
+              "lora_alpha", "lora_targets", "buckets", "class_prompt", "class_images", "prior_weight")
 # Fields a resumed run keeps from its checkpoint unless given again (the thread count changes the order of
 # floating-point sums, so an exact resume keeps it too).
 KEPT_FIELDS = ("steps", "cache_dir", "workers", "threads", "grad_checkpointing", "ckpt_every", "val_every",
@@ -161,6 +163,19 @@ def optimizer_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     rest = [p for p in model.parameters() if p.dim() < 2]
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def average_gradients(params: list[torch.Tensor], world: int) -> None:
+    """Each parameter's gradient becomes its mean over the ranks (what DistributedDataParallel does), in one
+    all-reduce of the gradients laid end to end."""
+    grads = [p.grad for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])  # (sum of numel,)
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
 
 
 def save_validation(pipe: Pipeline, prompts: list[str] | None, encoded, n: int, steps: int, cfg: float,
@@ -206,19 +221,26 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         vae, _ = load_vae(c.vae, device)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(f"--vae: {e} (train one with python -m ldm.train_vae)") from None
-    if vae.resolution is None:
-        raise InputError(f"--vae: {Path(c.vae) / 'vae.json'} records no resolution")
-    resolution = int(vae.resolution)
-    latent_shape = vae.latent_shape()
+    if vae.resolution is None and c.resolution is None:
+        raise InputError(f"--vae: {Path(c.vae) / 'vae.json'} records no resolution; give --resolution")
+    resolution = c.resolution or int(vae.resolution)
+    try:
+        latent_shape = vae.latent_shape(resolution)
+    except ValueError as e:
+        raise InputError(f"--resolution {resolution}: {e}") from None
+    # the UNet's skips meet only if every level halves the latent whole
+    halvings = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult) - 1
+    if latent_shape[1] % 2**halvings:
+        raise InputError(f"--resolution {resolution}: its {latent_shape[1]}-wide latents do not halve {halvings} "
+                         f"times; use a multiple of {vae.config.downsample_factor * 2**halvings}")
     try:
         dataset = open_dataset(c.data, resolution, seed=DATA_SEED, caption_column=c.caption_column,
                                captions=c.captions)
     except (FileNotFoundError, ValueError) as e:
         raise InputError(str(e)) from None
     if c.buckets:  # a bucket side must survive the VAE and every UNet downsampling whole
-        levels = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult)
         try:
-            dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2 ** (levels - 1))
+            dataset = BucketedFolder(dataset, vae.config.downsample_factor * 2**halvings)
         except ValueError as e:
             raise InputError(f"--buckets: {e}") from None
     if c.class_prompt is not None:  # every picture of both sets is cached: the batches take half of each
@@ -264,9 +286,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         base.unet = None  # copied: not a third UNet in memory through the run
     ema.load_state_dict(model.state_dict())
     trainable = Trainable(model, ema, LoRAConfig(c.lora, c.lora_alpha, c.lora_targets) if c.lora else None)
-    # the fused kernel: on 2 CPU cores the per-tensor loop costs ~25x more for the tiny UNet's 4M parameters
-    opt = torch.optim.AdamW(optimizer_groups(trainable.module, c.weight_decay), lr=c.lr, betas=ADAMW_BETAS,
-                            fused=device.type in ("cpu", "cuda"))
+    opt = build_optimizer(c.optimizer, optimizer_groups(trainable.module, c.weight_decay), c.lr, ADAMW_BETAS, device)
     if parts is not None:
         restore(parts, {**trainable.parts(), "optimizer": opt}, run.ckpt.root)
     if parts is not None and d.main:
@@ -277,7 +297,10 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     else:  # a fresh run (or a rank the checkpoint did not record): per-rank dropout stream
         torch.manual_seed(c.seed * d.world + d.rank + start_step)
     net = model
-    if d.world > 1:
+    # LoRA's adapters hook into the frozen UNet from outside it: DDP would find nothing to train, so their
+    # gradients are averaged over the ranks by hand after each backward pass instead
+    average_by_hand = d.world > 1 and trainable.lora is not None
+    if d.world > 1 and not average_by_hand:
         net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda"
                                                         else None)
     schedule = (NoiseSchedule.from_name(c.schedule) if base is None else base.info.noise_schedule())
@@ -358,6 +381,8 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
                                                     noise=noise, **cond)).mean()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if average_by_hand:
+                    average_gradients(model_params, d.world)
                 grad_norm = torch.nn.utils.clip_grad_norm_(model_params, c.grad_clip if c.grad_clip > 0 else math.inf)
                 opt.step()
                 decay = ema_decay(step, c.ema_decay)

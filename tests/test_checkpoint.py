@@ -29,6 +29,19 @@ def test_optimizer_state_round_trips_exactly(tmp_path, seed):
             torch.testing.assert_close(opt2.state[p][key], opt.state[p][key], rtol=0, atol=0)
 
 
+def test_shared_tensors_and_views_round_trip(tmp_path, seed):
+    """One tensor met twice (bitsandbytes shares its quantisation map among parameters) is stored once and
+    comes back shared; a view of another entry's memory comes back as an equal copy."""
+    table, base = torch.randn(256), torch.randn(4, 6)
+    state = {"a": {"qmap": table, "m": torch.randn(3)}, "b": {"qmap": table}, "row": base[1], "whole": base,
+             "empty": torch.empty(0), "empty2": torch.empty(0)}
+    save_state(state, tmp_path / "s.safetensors")
+    back = load_state(tmp_path / "s.safetensors")
+    assert back["a"]["qmap"] is back["b"]["qmap"] and torch.equal(back["a"]["qmap"], table)
+    assert torch.equal(back["row"], base[1]) and torch.equal(back["whole"], base)
+    assert torch.equal(back["a"]["m"], state["a"]["m"]) and back["empty"].numel() == back["empty2"].numel() == 0
+
+
 def test_rng_state_round_trip():
     state = rng_state()
     a = (random.random(), np.random.rand(), torch.rand(3))

@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ldm import sample, train_unet
+from ldm import checkpoint, sample, train_unet
 from ldm.checkpoint import CheckpointDir
 from ldm.lora import load_lora, target_names
 from ldm.pipeline import Pipeline
@@ -122,6 +122,61 @@ def test_full_fine_tune_from_our_folder(lora_run, tmp_path):
     meta = json.loads((out / "unet.json").read_text())
     assert meta["text_encoder_options"]["pad_to_max"] and meta["init_from"] == str(src.resolve())
     assert not (out / "base").exists()  # ours is read in place
+
+
+def test_lora_under_torchrun_trains_as_one_process_would(sd, lora_run, tmp_path):
+    """Two processes, each half of every batch: the adapters' gradients averaged by hand (they sit outside
+    DistributedDataParallel) give the adapters one process on the whole batch trains."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "ldm.train_unet", *flags(sd, tmp_path / "ddp", *LORA)],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    one, _ = lora_run
+    single, ddp = load_file(one / "lora.safetensors"), load_file(tmp_path / "ddp" / "lora.safetensors")
+    assert single and single.keys() == ddp.keys()
+    # lora_B starts at zero: what the run moved is the B matrices' size
+    moved = sum(single[k].double().square().sum() for k in single if "lora_B" in k).sqrt()
+    apart = sum((single[k].double() - ddp[k].double()).square().sum() for k in single).sqrt()
+    assert moved > 0 and apart < 1e-3 * moved, (apart, moved)
+
+
+def test_adamw8bit_full_fine_tune_keeps_8bit_moments_and_resumes_exactly(sd, tmp_path, monkeypatch):
+    """--optimizer adamw8bit: bitsandbytes' 8-bit moments in the checkpoint, and a run killed inside a
+    checkpoint write and resumed ends bit-identical to an uninterrupted one."""
+    pytest.importorskip("bitsandbytes")
+    argv = ("--optimizer", "adamw8bit", "--lr", "1e-3")
+    ref, count = tmp_path / "ref", tmp_path / "count"
+    monkeypatch.setitem(checkpoint._crash, "seen", 0)  # the count is per process: earlier runs here passed some
+    os.environ["LDM_CRASH_COUNT"] = str(count)
+    try:
+        rc, err = run(flags(sd, ref, *argv))
+    finally:
+        os.environ.pop("LDM_CRASH_COUNT")
+    assert rc == 0, err
+    _, parts = CheckpointDir(ref / "checkpoints").load()
+    states = [s.get("__bnb_optimizer_quant_state__", s) for s in parts["optimizer"]["state"].values()]
+    moments = [s[k] for s in states for k in ("state1", "state2") if k in s]
+    # tensors of 4096 elements and more keep 8-bit moments; bitsandbytes keeps smaller ones in 32 bits
+    assert {m.dtype for m in moments if m.numel() >= 4096} == {torch.uint8}
+    base, _ = load_unet(ref)  # an export that loads, weights moved from the folder's
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1",
+           "LDM_CRASH_AT": str(int(count.read_text()) // 2)}
+    killed = subprocess.run([sys.executable, "-m", "ldm.train_unet", *flags(sd, out, *argv)], env=env, cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    rc, err = run(flags(sd, out, *argv, "--resume"))
+    assert rc == 0 and "resumed" in err, err
+    a, b = load_file(ref / "unet.safetensors"), load_file(out / "unet.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_adamw8bit_without_bitsandbytes_is_one_line(sd, tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import bitsandbytes now raises ImportError
+    rc, err = run(flags(sd, tmp_path / "x", "--optimizer", "adamw8bit"))
+    assert rc == 2 and "--optimizer adamw8bit needs bitsandbytes" in err and "Traceback" not in err
+    assert not (tmp_path / "x").exists()
 
 
 def test_sample_lora_scales_stack(sd, lora_run, tmp_path):

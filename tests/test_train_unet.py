@@ -264,6 +264,19 @@ def test_unconditional_training_and_sampling(assets, tmp_path, seed, capsys):
     assert "unconditional" in capsys.readouterr().err
 
 
+def test_another_resolution_than_the_vaes(assets, tmp_path, seed):
+    """--resolution 2x the VAE's: images rendered at it, latents twice as wide, the UNet records its shape and
+    samples at it."""
+    rc, err = run(["--out", tmp_path / "r"] + train_flags(assets["vae"], 2, seed) + ["--resolution", 2 * RESOLUTION])
+    assert rc == 0, err
+    meta = json.loads((tmp_path / "r" / "unet.json").read_text())
+    assert meta["resolution"] == 2 * RESOLUTION and meta["latent_shape"] == [4, RESOLUTION // 2, RESOLUTION // 2]
+    latents = load_file(tmp_path / "r" / "cache" / "latents.safetensors")
+    assert latents["mean"].shape[1:] == (4, RESOLUTION // 2, RESOLUTION // 2)
+    images = generate(load_pipeline(tmp_path / "r"), None, n=2, steps=2, seed=seed)
+    assert images.shape == (2, 3, 2 * RESOLUTION, 2 * RESOLUTION)
+
+
 def test_training_on_an_image_folder(assets, tmp_path, seed):
     rng = np.random.default_rng(seed)
     data = tmp_path / "data"
@@ -298,9 +311,12 @@ def test_training_on_an_image_folder(assets, tmp_path, seed):
     (["--t-focus-std", "0"], "--t-focus-std must be positive, got 0.0"),
     (["--batch-size", "0"], "--batch-size must be positive, got 0"),
     (["--eval", "10"], "--eval scores prompts; it needs --text"),
+    (["--resolution", "0"], "--resolution must be positive, got 0"),
+    (["--resolution", "18"], "--resolution 18: resolution 18 is not divisible by the downsampling factor 4"),
+    (["--resolution", "20"], "--resolution 20: its 5-wide latents do not halve 1 times; use a multiple of 8"),
 ], ids=["missing-vae", "missing-data", "encoder-without-text", "encoder-not-a-model", "unknown-override",
         "fixed-override", "bad-config", "resume-without-checkpoint", "cfg-drop", "ema-decay", "t-focus", "t-focus-std",
-        "zero-batch", "eval-unconditional"])
+        "zero-batch", "eval-unconditional", "zero-resolution", "resolution-off-factor", "resolution-off-levels"])
 def test_bad_input_is_one_clear_line(assets, tmp_path, argv, message):
     argv = [a.format(tmp=tmp_path) for a in argv]
     base = train_flags(assets["vae"], 1, 0) + ["--cache-dir", str(assets["cache"])]
