@@ -134,7 +134,8 @@ def test_tune_decoder_keeps_the_latents(tmp_path, seed):
         z = torch.cat([post.mean + post.std * torch.randn(post.mean.shape, generator=g) for _ in range(4)])
         err_before = torch.nn.functional.mse_loss(before.decode(z), x.repeat(4, 1, 1, 1)).item()
         err_after = torch.nn.functional.mse_loss(after.decode(z), x.repeat(4, 1, 1, 1)).item()
-    assert err_after < 0.92 * err_before, (err_before, err_after)  # measured: 16-20% lower
+    # measured over seeds 0-159: after / before 0.26-0.93 (a decoder that learns nothing gives 1)
+    assert err_after < 0.97 * err_before, (err_before, err_after)
 
 
 def test_vae_ceiling_counts_what_survives_the_round_trip(tmp_path, seed):
