@@ -32,7 +32,8 @@ import json
 import sys
 from pathlib import Path
 
-from ldm.data.new_shapes import DEMO_SHAPE, held_out_prompts, reader_shapes, write_shape_folder
+from ldm.data.new_shapes import (DEMO_REPLAY, DEMO_SHAPE, DEMO_TAUGHT, held_out_prompts, reader_shapes,
+                                 write_shape_folder)
 from ldm.data.shapes import NEW_SHAPES
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
@@ -52,8 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
                        allow_abbrev=False)
     d.add_argument("--shape", default=DEMO_SHAPE, choices=NEW_SHAPES, help=f"the new shape (default {DEMO_SHAPE})")
     d.add_argument("--out", required=True, help="the folder to write (PNGs and metadata.jsonl)")
-    d.add_argument("--n", type=int, default=40, help="scenes of the new shape (default 40)")
-    d.add_argument("--replay", type=int, default=200, help="old scenes of the built-in training stream (default 200)")
+    d.add_argument("--n", type=int, default=DEMO_TAUGHT, help=f"scenes of the new shape (default {DEMO_TAUGHT})")
+    d.add_argument("--replay", type=int, default=DEMO_REPLAY,
+                   help=f"old scenes of the built-in training stream (default {DEMO_REPLAY})")
     d.add_argument("--resolution", type=int, default=32, help="pixels (default 32, the demo's)")
     r = sub.add_parser("vae", help="how many held-out scenes of each new shape survive the VAE, read back",
                        allow_abbrev=False)
@@ -61,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--shape", nargs="+", default=list(NEW_SHAPES), choices=NEW_SHAPES,
                    help="the new shapes to try (default: all)")
     r.add_argument("--n", type=int, default=DEFAULT_N, help=f"held-out scenes of each (default {DEFAULT_N})")
-    r.add_argument("--taught", type=int, default=40, help="taught scenes whose attributes the held-out ones avoid")
+    r.add_argument("--taught", type=int, default=DEMO_TAUGHT,
+                   help=f"taught scenes whose attributes the held-out ones avoid (default {DEMO_TAUGHT})")
     r.add_argument("--json", default=None, metavar="FILE", help="also write the counts as JSON")
     v = sub.add_parser("decoder", help="teach the VAE's decoder the new pictures (encoder frozen: same latents)",
                        allow_abbrev=False)
@@ -79,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--base", default=None, metavar="DIR",
                    help="the model before fine-tuning, scored on the old prompts")
     e.add_argument("--n", type=int, default=DEFAULT_N, help=f"prompts of each kind (default {DEFAULT_N})")
-    e.add_argument("--taught", type=int, default=40, help="scenes of the shape the model was taught (data --n): "
-                                                            "the held-out prompts avoid their attributes")
+    e.add_argument("--taught", type=int, default=DEMO_TAUGHT,
+                   help=f"scenes of the shape the model was taught (data --n, default {DEMO_TAUGHT}): the held-out "
+                        "prompts avoid their attributes")
     e.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     e.add_argument("--device", default="auto")
     e.add_argument("--grid", default=None, metavar="PNG", help="also draw a labelled picture of new and old prompts")

@@ -19,7 +19,9 @@ from PIL import Image
 from ldm.data.shapes import (BACKGROUNDS, COLOURS, NEW_SHAPES, SHAPES, TEMPLATES, WHERE, ShapesDataset, render,
                              sample_attributes, scene_box, shape_coverage)
 
-DEMO_SHAPE = "heart"  # the CPU demo's: the demo VAE gives back 199 of 200 hearts, 20 of 200 stars (README)
+DEMO_SHAPE = "heart"  # the CPU demo's: the demo VAE gives back 200 of 200 hearts, 20 of 200 stars (README)
+# the demo's folder: scenes of the new shape (the issue asks for 20-50), and old scenes replayed beside them
+DEMO_TAUGHT, DEMO_REPLAY = 40, 200
 TRAIN_STREAM, PROMPT_STREAM = 101, 102  # seeds of the taught scenes and of the held-out prompts
 COMBO = ("colour", "size", "position", "background")
 
