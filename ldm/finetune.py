@@ -15,6 +15,8 @@
 - ``Trainable``: what the optimizer sees. A full fine-tune trains every weight; with LoRA
   (``ldm.lora``) only the adapters train, the UNet is frozen (no gradients, no optimizer state) and
   the EMA is the adapters' EMA; checkpoints then hold the adapters only.
+- ``tune_decoder`` and ``round_trip``: a new kind of picture (``ldm.teach_shape``) must first survive the VAE;
+  ``round_trip`` encodes and decodes to check, ``tune_decoder`` teaches the decoder alone (same latents).
 """
 
 from __future__ import annotations
@@ -166,6 +168,15 @@ def tune_decoder(vae_dir: str | Path, dataset, out: str | Path, steps: int = 400
     vae.eval().requires_grad_(False)
     return save_vae(out, vae, created_by="ldm.finetune.tune_decoder", tuned_from=str(Path(vae_dir).resolve()),
                     decoder_steps=steps, final_loss=loss.item())
+
+
+@torch.no_grad()
+def round_trip(vae, images: torch.Tensor, batch_size: int = 100) -> torch.Tensor:
+    """Encode (the posterior's mode) and decode: (N, 3, H, W) in [-1, 1] -> the same, clamped. What a UNet at
+    best can draw through this VAE: a picture that does not survive it cannot be sampled either."""
+    out = [vae.decode(vae.encode(images[i:i + batch_size]).mode()).clamp(-1, 1)
+           for i in range(0, len(images), batch_size)]
+    return torch.cat(out)
 
 
 class Trainable:

@@ -112,7 +112,7 @@ def evaluate_prompts(pipe, n: int = DEFAULT_N, *, sampler: str = DEFAULT_SAMPLER
     plus "images" (N, 3, H, W) with ``return_images``. ``guide`` (``ldm.clip_guidance.ClipGuide`` of the same
     ``n`` prompts) steers sampling; with it an unconditional UNet can be scored too. ``pairs``: other
     (attributes, prompt) pairs than the held-out ones (e.g. a ``ldm.data.wording.split_prompts`` split or
-    ``ldm.data.stars.star_prompts``); ``shapes``: the
+    ``ldm.data.new_shapes.held_out_prompts``); ``shapes``: the
     reader's shapes."""
     if not pipe.conditional and guide is None:
         raise ValueError("evaluate_prompts: the UNet is unconditional; eval_text scores text-conditional models")

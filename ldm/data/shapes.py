@@ -82,13 +82,23 @@ HELD_OUT_MODULUS, HELD_OUT_RESIDUE = 9, 4
 
 # Fraction of the bounding box each shape covers, and how far its centroid lies below the
 # box centre (in sides): what the reader needs to go from a coverage map to a box.
-# A shape the built-in data never draws, for teaching a trained model something new (ldm.data.stars): a
-# five-pointed star, outer radius half the side, the inner vertices at the pentagram's ratio.
-NEW_SHAPES = ("star",)
+# Shapes the built-in data never draws, for teaching a trained model something new (ldm.data.new_shapes):
+# a five-pointed star, outer radius half the side, the inner vertices at the pentagram's ratio; and a
+# heart, a square standing on a corner with a half-disc on each upper edge (side a, so its area is
+# a^2 + pi a^2 / 4), as wide as the box and centred in it vertically (it is 0.914 of the box high).
+NEW_SHAPES = ("star", "heart")
 STAR_INNER = (3 - math.sqrt(5)) / 2  # inner / outer radius of a regular pentagram, 0.382
+HEART_SIDE = 1 / (1 + math.sqrt(0.5))  # the heart's square side, in box sides: its width is a (1 + 1/sqrt 2)
+HEART_HEIGHT = HEART_SIDE * (1.5 * math.sqrt(0.5) + 0.5)  # top of the lobes to the point: a (3 / (2 sqrt 2) + 1/2)
+HEART_CENTRE = 0.5 - HEART_HEIGHT / 2  # the square's centre below the box's; its lobes reach half a side above it
 _AREA = {"circle": math.pi / 4, "square": 1.0, "triangle": 0.5, "cross": 1 - 4 * ((1 - CROSS_ARM) / 2) ** 2,
-         "star": 5 * STAR_INNER * math.sin(math.pi / 5) / 4}  # ten triangles of sides R, r R, angle 36 degrees
-_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0, "star": 0.0}
+         "star": 5 * STAR_INNER * math.sin(math.pi / 5) / 4,  # ten triangles of sides R, r R, angle 36 degrees
+         "heart": HEART_SIDE ** 2 * (1 + math.pi / 4)}
+# The heart's centroid: the square's centre, lifted by the two half-discs, whose centroids lie 4 r / (3 pi)
+# (r = a / 2) beyond their edges' midpoints, which are a / (2 sqrt 2) above the square's centre.
+_HEART_LIFT = (HEART_SIDE * math.sqrt(0.5) * (0.5 + 2 / (3 * math.pi)) * (math.pi / 4) / (1 + math.pi / 4))
+_CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0, "star": 0.0,
+                  "heart": HEART_CENTRE - _HEART_LIFT}
 
 
 # ---------------------------------------------------------------- attributes and captions
@@ -170,8 +180,16 @@ def shape_coverage(shape: str, cx: float, cy: float, side: float, resolution: in
             x1, y1, x2, y2 = px[i], py[i], px[(i + 1) % 10], py[(i + 1) % 10]
             crosses = (y1 > v) != (y2 > v)
             inside ^= crosses & (u < x1 + (v - y1) * (x2 - x1) / (y2 - y1 + 1e-30))
+    elif shape == "heart":  # point down; the square's half-diagonal d, its centre HEART_CENTRE sides below the box's
+        side_a = HEART_SIDE * side
+        d, yc = side_a * math.sqrt(0.5), HEART_CENTRE * side
+        w = v - yc  # offsets from the square's centre
+        square = np.abs(u) + np.abs(w) <= d
+        lobes = [((u - sx * d / 2) ** 2 + (w + d / 2) ** 2 <= (side_a / 2) ** 2) & (w - sx * u <= -d)
+                 for sx in (-1, 1)]  # each half-disc: within a / 2 of its edge's midpoint, beyond the edge
+        inside = square | lobes[0] | lobes[1]
     else:
-        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+        raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES + NEW_SHAPES}")
     n = resolution
     return inside.reshape(n, supersample, n, supersample).mean(axis=(1, 3), dtype=np.float32)
 
