@@ -206,7 +206,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     check_train_config(c)
     overrides = parse_overrides(c.unet_override)
     try:  # the widths come later, from the VAE and the cache; the layout can be checked now
-        unet_config(c.preset, gradient_checkpointing=c.grad_checkpointing, **overrides)
+        layout = unet_config(c.preset, gradient_checkpointing=c.grad_checkpointing, **overrides)
     except (TypeError, ValueError) as e:
         raise InputError(f"--preset {c.preset} with --unet-override: {e}") from None
     torch.set_num_threads(c.threads or max(1, (os.cpu_count() or 1) // d.world))
@@ -229,7 +229,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     except ValueError as e:
         raise InputError(f"--resolution {resolution}: {e}") from None
     # the UNet's skips meet only if every level halves the latent whole
-    halvings = len((base.info.config if base else unet_config(c.preset, **overrides)).channel_mult) - 1
+    halvings = len((base.info.config if base else layout).channel_mult) - 1
     if latent_shape[1] % 2**halvings:
         raise InputError(f"--resolution {resolution}: its {latent_shape[1]}-wide latents do not halve {halvings} "
                          f"times; use a multiple of {vae.config.downsample_factor * 2**halvings}")
