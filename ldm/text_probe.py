@@ -11,9 +11,12 @@ those states can carry over to the held-out wording. ``python -m ldm.encoder_pro
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from ldm.data.wording import BACKGROUND_WORDS, COLOUR_WORDS, EVAL, POSITION_WORDS, SHAPE_WORDS, SIZE_WORDS, TRAIN
+from ldm.data.shapes import ShapesDataset
+from ldm.data.wording import (BACKGROUND_WORDS, COLOUR_WORDS, EVAL, EVAL_SPLITS, POSITION_WORDS, SHAPE_WORDS,
+                              SIZE_WORDS, TRAIN, split_prompts, varied_caption)
 from ldm.errors import InputError
 
 TABLES = {"shape": SHAPE_WORDS, "colour": COLOUR_WORDS, "size": SIZE_WORDS, "position": POSITION_WORDS,
@@ -106,11 +109,6 @@ def readout(encoder, n_train: int = READOUT_TRAIN, n_eval: int = READOUT_EVAL, s
     words only, of training scenes) and scored on ``n_eval`` prompts of each ``EVAL_SPLITS`` split. A
     learned ceiling beside ``probe``'s nearest-mean one: what a reader trained on training words can
     carry to words it never saw."""
-    import numpy as np
-
-    from ldm.data.shapes import ShapesDataset
-    from ldm.data.wording import EVAL_SPLITS, split_prompts, varied_caption
-
     data = ShapesDataset(length=n_train, seed=seed)
     rng = np.random.default_rng([seed, 23])
     scenes = [data.attributes(i) for i in range(n_train)]
