@@ -30,8 +30,8 @@ import signal
 import sys
 import tempfile
 import uuid
-from dataclasses import asdict, is_dataclass
 from collections.abc import Mapping
+from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import Any
 
@@ -100,11 +100,12 @@ def _atomic_write(path: Path, write) -> None:
             os.remove(tmp)
 
 
-def save_json(obj: Any, path: str | Path) -> None:
-    """Write JSON atomically (temporary file in the same folder, then rename)."""
+def save_json(obj: Any, path: str | Path, sort_keys: bool = True) -> None:
+    """Write JSON atomically (temporary file in the same folder, then rename), its folder made if missing;
+    ``sort_keys`` False keeps the dicts' own order (the commands' reports)."""
     def write(tmp):
         with open(tmp, "w") as f:
-            json.dump(obj, f, indent=2, sort_keys=True)
+            json.dump(obj, f, indent=2, sort_keys=sort_keys)
             f.write("\n")
     _atomic_write(Path(path), write)
 

@@ -19,12 +19,11 @@ attribute, however it is laid out, where the nearest-mean probe asks for it to l
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save_json
 from ldm.errors import InputError, command_main
 from ldm.text_probe import DEFAULT_LAYERS, TABLES, probe, readout
 
@@ -70,8 +69,7 @@ def run(args: argparse.Namespace) -> int:
         for attribute, shares in read.items():
             print(f"{attribute:>40} | " + " | ".join(f"{100 * shares[s]:>{len(s)}.1f}" for s in splits))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        save_json(report, args.json, sort_keys=False)
     return 0
 
 

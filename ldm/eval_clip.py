@@ -18,12 +18,11 @@ images, i2t@k the other way. The held-out images come from combinations training
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save_json
 from ldm.clip import load_clip
 from ldm.clip_training import (ClipTrainConfig, features_of, heldout_scenes, load_pairs, recall, render_scenes,
                                zero_shot)
@@ -114,8 +113,7 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in row["recall"].items()))
         results["runs"].append(row)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+        save_json(results, args.json, sort_keys=False)
     return 0
 
 

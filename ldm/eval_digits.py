@@ -15,12 +15,12 @@ real train digits to the same held-out ones. A shell over ``ldm.digits_eval`` an
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save_json
 from ldm.data.digits import NUM_CLASSES
 from ldm.digits_eval import (DEFAULT_PER_DIGIT, READER_EPOCHS, evaluate_digits, labelled_grid, real_reference,
                              train_reader)
@@ -101,9 +101,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"eval_digits: wrote {args.grid}", file=sys.stderr)
     if args.json:
         reader_scores = {k: v for k, v in reference.items() if k != "features"}
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unet": str(args.unet), "reader": reader_scores, "generated": r}, indent=2) + "\n")
+        save_json({"unet": str(args.unet), "reader": reader_scores, "generated": r}, args.json, sort_keys=False)
     return 0
 
 

@@ -19,10 +19,10 @@ of ``ldm.eval_text`` and each upscaler's, the attributes read at every resolutio
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
+from ldm.checkpoint import save_json
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
 from ldm.i2i_eval import cascade_strip, evaluate_cascade, evaluate_task, strip
@@ -107,9 +107,7 @@ def run(args: argparse.Namespace) -> int:
                      f"{r['bicubic_ssim']:.4f}); bicubic read {100 * r['bicubic_read'][HEADLINE]:.1f}%")
         print(f"{line}; {r['n']} held-out scenes, {r['seconds']:.0f} s", flush=True)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unet": str(args.unet), "reports": reports}, indent=2) + "\n")
+        save_json({"unet": str(args.unet), "reports": reports}, args.json, sort_keys=False)
     return 0
 
 

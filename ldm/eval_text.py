@@ -30,12 +30,11 @@ the prior or as variations).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
-
 from ldm import diversity, unclip_decoder
+from ldm.checkpoint import save_json
 from ldm.data.wording import EVAL_SPLITS, split_prompts
 from ldm.distributed import resolve_device
 from ldm.errors import InputError, command_main
@@ -177,10 +176,8 @@ def run(args: argparse.Namespace) -> int:
         Path(args.sheet).parent.mkdir(parents=True, exist_ok=True)
         prompt_sheet(sheet).save(args.sheet)
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"unet": str(args.unet), "runs": results,
-                                    **({"diversity": spread} if spread else {})}, indent=2) + "\n")
+        save_json({"unet": str(args.unet), "runs": results, **({"diversity": spread} if spread else {})}, args.json,
+                  sort_keys=False)
     return 0
 
 

@@ -28,10 +28,9 @@ beside the ``--base`` model's.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 
+from ldm.checkpoint import save_json
 from ldm.data.new_shapes import (DEMO_REPLAY, DEMO_SHAPE, DEMO_TAUGHT, held_out_prompts, reader_shapes,
                                  write_shape_folder)
 from ldm.data.shapes import NEW_SHAPES
@@ -133,7 +132,7 @@ def vae_ceiling(args: argparse.Namespace) -> int:
               f"(small ones {r['small_after_vae']} of {r['small']}; rendered {r['rendered']}); old shapes "
               f"{r['old_after_vae']} of {args.n}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, args.json, sort_keys=False)
     return 0
 
 
@@ -199,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
         labelled_rows(images, [label for _, _, label in rows], scale=GRID_SCALE).save(args.grid)
         print(f"teach_shape: wrote {args.grid}", file=sys.stderr)
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        save_json(result, args.json, sort_keys=False)
     return 0
 
 

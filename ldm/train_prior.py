@@ -13,12 +13,12 @@ attributes read from the sampled embeddings. Writes ``OUT/prior.safetensors`` + 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
+from ldm.checkpoint import save_json
 from ldm.clip import load_clip
 from ldm.errors import InputError, command_main
 from ldm.trainer import check_positive, config_from_args
@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in zs.items()))
         print("zero-shot attributes of the true images:        "
               + ", ".join(f"{k} {100 * v:.1f}%" for k, v in zt.items()))
-        (Path(args.out) / "eval.json").write_text(json.dumps(r, indent=2) + "\n")
+        save_json(r, Path(args.out) / "eval.json", sort_keys=False)
     return 0
 
 

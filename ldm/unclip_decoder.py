@@ -295,8 +295,7 @@ def add_eval_arguments(p) -> None:
 
 def run_eval(args) -> int:
     """``ldm.eval_text --decoder DIR (--prior DIR | --variations)``: one table row, --json, --grid."""
-    import json
-
+    from ldm.checkpoint import save_json
     from ldm.distributed import resolve_device
     from ldm.metrics import ATTRIBUTES, HEADLINE
     from ldm.runlog import image_grid
@@ -352,10 +351,8 @@ def run_eval(args) -> int:
         r["diversity"] = evaluate_diversity(draw, args.diversity_prompts, args.diversity, vae_codec(pipe))
         print(report(r["diversity"], "unCLIP" if args.prior else "variations"))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"decoder": str(args.decoder), "prior": args.prior, "what": what,
-                                    "sampler": sampler, "cfg": cfg, **r}, indent=2) + "\n")
+        save_json({"decoder": str(args.decoder), "prior": args.prior, "what": what, "sampler": sampler, "cfg": cfg,
+                   **r}, args.json, sort_keys=False)
     return 0
 
 
