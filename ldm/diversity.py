@@ -42,7 +42,7 @@ import time
 import numpy as np
 import torch
 
-from ldm.data.shapes import JITTER_POSITION, JITTER_SCALE, eval_prompts, render
+from ldm.data.shapes import eval_prompts, render, sample_jitter
 from ldm.errors import InputError
 from ldm.metrics import PROMPT_SEED
 
@@ -104,9 +104,7 @@ def diversity(samples: torch.Tensor, threshold: float | torch.Tensor) -> dict:
 
 def jittered(attrs: dict, rng: np.random.Generator) -> dict:
     """``attrs`` with a fresh draw of the renderer's jitter (ldm.data.shapes.sample_attributes' ranges)."""
-    return {**attrs, "dx": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
-            "dy": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
-            "scale": float(rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE))}
+    return {**attrs, **sample_jitter(rng)}
 
 
 def renders(attrs: dict, k: int, resolution: int, rng: np.random.Generator) -> torch.Tensor:

@@ -102,6 +102,13 @@ _CENTROID_DROP = {"circle": 0.0, "square": 0.0, "triangle": 1 / 6, "cross": 0.0,
 
 
 # ---------------------------------------------------------------- attributes and captions
+def sample_jitter(rng: np.random.Generator) -> dict:
+    """The renderer's jitter of one scene: {"dx", "dy", "scale"}, drawn in that order."""
+    return {"dx": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
+            "dy": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
+            "scale": float(rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE))}
+
+
 def sample_attributes(rng: np.random.Generator) -> dict:
     """Draw one scene: uniform over shapes, sizes, positions and allowed (colour, background) pairs."""
     pairs = [(c, b) for c in COLOURS for b in BACKGROUNDS if COLOURS[c] != BACKGROUNDS[b]]
@@ -112,9 +119,7 @@ def sample_attributes(rng: np.random.Generator) -> dict:
         "size": SIZES[rng.integers(len(SIZES))],
         "position": POSITIONS[rng.integers(len(POSITIONS))],
         "background": background,
-        "dx": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
-        "dy": float(rng.uniform(-JITTER_POSITION, JITTER_POSITION)),
-        "scale": float(rng.uniform(1 - JITTER_SCALE, 1 + JITTER_SCALE)),
+        **sample_jitter(rng),  # drawn here, between the background and the template, as always
         "template": int(rng.integers(len(TEMPLATES))),
     }
 
