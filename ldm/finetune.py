@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 
 from ldm.checkpoint import load_json, save_json
+from ldm.distributed import Dist
 from ldm.errors import InputError
 from ldm.lora import LORA_FILE, LoRA, LoRAConfig, save_lora
 from ldm.pretrained import UNetFile, load_unet, save_unet
@@ -62,18 +63,23 @@ def is_diffusers_folder(path: Path) -> bool:
     return (path / "unet" / "config.json").is_file() and (path / "vae").is_dir()
 
 
-def open_base(path: str | Path, out: str | Path, device="cpu") -> Base:
-    """The model in ``path`` (see the module docstring); an InputError names what is missing."""
+def open_base(path: str | Path, out: str | Path, device="cpu", d: Dist | None = None) -> Base:
+    """The model in ``path`` (see the module docstring); an InputError names what is missing. Under torchrun
+    (``d``) rank 0 alone converts a diffusers folder while the others wait, then every rank reads it."""
     path, out = Path(path), Path(out)
     if is_diffusers_folder(path):
         folder = out / BASE_DIR
         source = str(path.resolve())
-        done = (folder / "unet.json").is_file() and load_json(folder / "unet.json").get("source") == source
-        if not done:  # converted once: the cache keys on the VAE file, which a new export would change
-            try:
-                convert_from_diffusers(path, folder)
-            except (FileNotFoundError, ValueError) as e:
-                raise InputError(f"--init-from {path}: {e}") from None
+
+        def convert():
+            done = (folder / "unet.json").is_file() and load_json(folder / "unet.json").get("source") == source
+            if not done:  # converted once: the cache keys on the VAE file, which a new export would change
+                try:
+                    convert_from_diffusers(path, folder)
+                except (FileNotFoundError, ValueError) as e:
+                    raise InputError(f"--init-from {path}: {e}") from None
+
+        (d or Dist()).on_main(convert)
     elif (path / "unet.json").is_file():
         folder = path
     else:
@@ -96,27 +102,33 @@ CLASS_DIR = "class_images"  # OUT/class_images: the prior-preservation pictures 
 CLASS_BATCH = 16  # pictures per sampler run while drawing them
 
 
-def class_images(base: Base, prompt: str, n: int, out: Path, device, seed: int, quiet: bool = True) -> Path:
+def class_images(base: Base, prompt: str, n: int, out: Path, device, seed: int, quiet: bool = True,
+                 d: Dist | None = None) -> Path:
     """``n`` pictures of ``prompt`` drawn by the pretrained model (its own sampler, steps and guidance),
     written once into ``out/class_images`` as PNGs with a ``metadata.jsonl`` (reused when the prompt, count
-    and seed match: the cache keys on the files)."""
+    and seed match: the cache keys on the files). Under torchrun (``d``) rank 0 draws them, the others wait."""
     from ldm.pipeline import Pipeline
     from ldm.runlog import image_grid
 
     folder = out / CLASS_DIR
     record = {"prompt": prompt, "n": n, "seed": seed, "init_from": str(base.folder.resolve())}
-    if (folder / "class_images.json").is_file() and load_json(folder / "class_images.json") == record:
-        return folder
-    pipe = Pipeline.from_pretrained(base.folder, device=device)
-    images = pipe([prompt], n=n, seed=seed, batch_size=CLASS_BATCH, output="pt", progress=not quiet)  # (n, 3, H, W)
-    folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for k in range(n):
-        name = f"{k:05d}.png"
-        image_grid(images[k:k + 1], pad=0).save(folder / name)
-        rows.append(json.dumps({"file_name": name, "text": prompt}))
-    (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
-    save_json(record, folder / "class_images.json")  # last: a run killed before it draws them again
+
+    def draw():
+        if (folder / "class_images.json").is_file() and load_json(folder / "class_images.json") == record:
+            return
+        pipe = Pipeline.from_pretrained(base.folder, device=device)
+        images = pipe([prompt], n=n, seed=seed, batch_size=CLASS_BATCH, output="pt",
+                      progress=not quiet)  # (n, 3, H, W)
+        folder.mkdir(parents=True, exist_ok=True)
+        rows = []
+        for k in range(n):
+            name = f"{k:05d}.png"
+            image_grid(images[k:k + 1], pad=0).save(folder / name)
+            rows.append(json.dumps({"file_name": name, "text": prompt}))
+        (folder / "metadata.jsonl").write_text("\n".join(rows) + "\n")
+        save_json(record, folder / "class_images.json")  # last: a run killed before it draws them again
+
+    (d or Dist()).on_main(draw)
     return folder
 
 

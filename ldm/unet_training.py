@@ -212,7 +212,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
     torch.set_num_threads(c.threads or max(1, (os.cpu_count() or 1) // d.world))
     base, schedule_spec, text_options = None, c.schedule, None
     if c.init_from is not None:  # the pretrained folder's VAE, text encoder, schedule and prediction win
-        base = open_base(c.init_from, out, device)
+        base = open_base(c.init_from, out, device, d)
         vae_dir = c.vae if "vae" in given else str(base.vae_dir)  # --vae given: another decoder of its latents
         c = dataclasses.replace(c, vae=vae_dir, text_encoder=base.text_encoder,
                                 prediction=base.info.prediction)
@@ -244,7 +244,7 @@ def train(c: TrainConfig, d: Dist, device: torch.device, *, resume: bool = False
         except ValueError as e:
             raise InputError(f"--buckets: {e}") from None
     if c.class_prompt is not None:  # every picture of both sets is cached: the batches take half of each
-        prior = open_dataset(class_images(base, c.class_prompt, c.class_images, out, device, c.seed, quiet),
+        prior = open_dataset(class_images(base, c.class_prompt, c.class_images, out, device, c.seed, quiet, d),
                              resolution, seed=DATA_SEED)
         dataset = PriorDataset(dataset, prior)
     n_cache = len(dataset) if c.class_prompt is not None else min(c.cache_images, len(dataset))
