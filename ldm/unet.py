@@ -382,8 +382,8 @@ class UNet(nn.Module):
             attn = ([SpatialTransformer(out, cfg) for _ in blocks] if lvl in cfg.attention_levels else None)
             self.up.append(Level(blocks, attn, Upsample(out) if lvl > 0 else None))
 
-        self.norm_out = GroupNormSiLU(cfg.norm_groups, mc, eps=RESNET_EPS)
-        self.conv_out = zero_(nn.Conv2d(mc, cfg.out_channels, 3, padding=1))
+        self.norm_out = GroupNormSiLU(cfg.norm_groups, ch, eps=RESNET_EPS)  # ch: level 0's, mc x channel_mult[0]
+        self.conv_out = zero_(nn.Conv2d(ch, cfg.out_channels, 3, padding=1))
 
     def set_gradient_checkpointing(self, enabled: bool = True) -> UNet:
         """Keep only block inputs and run each ResBlock and spatial transformer again in the backward

@@ -56,10 +56,12 @@ def tiny(seed):
     ("tiny", 7, 9),  # odd sizes: the upsampler meets each skip's size
     ("tiny", 16, 16),
     ("tiny-uncond", 8, 8),  # context_dim=None
+    ("tiny-wide", 8, 8),  # channel_mult[0] > 1: level 0 (and the output norm) wider than conv_in
     ("small", 8, 8),
 ])
 def test_preset_output_shapes(name, H, W, seed):
-    cfg = unet_config("tiny", context_dim=None) if name == "tiny-uncond" else UNET_CONFIGS[name]
+    cfg = {"tiny-uncond": unet_config("tiny", context_dim=None),
+           "tiny-wide": unet_config("tiny", channel_mult=(2, 2))}.get(name) or UNET_CONFIGS[name]
     model = randomize_(UNet(cfg))
     x, t, cond = inputs(cfg, B=2, H=H, W=W)
     with torch.no_grad():
