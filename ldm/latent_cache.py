@@ -15,6 +15,7 @@ the empty prompt / the null class with probability ``cfg_drop``, or on nothing.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -185,6 +186,15 @@ class Cache:
         return self
 
 
+def same_inputs(recorded: dict, now: dict) -> bool:
+    """Were the caches a checkpoint recorded (``Cache.keys``) built from the inputs of ``now``? A field of
+    the text key that older checkpoints lack (``captions_sha256``) is not compared, so they still resume."""
+    now = dict(now)
+    if recorded.get("text") is not None and now.get("text") is not None and "captions_sha256" not in recorded["text"]:
+        now["text"] = {k: v for k, v in now["text"].items() if k != "captions_sha256"}
+    return recorded == now
+
+
 def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset, n: int,
                   text_encoder: str | None, val_prompts: list[str], device, workers: int = 0,
                   quiet: bool = False, text_options: dict | None = None) -> Cache:
@@ -198,6 +208,13 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
     text_key = {**base, "text_encoder": text_encoder, "val_prompts": val_prompts} if text_encoder else None
     if text_key is not None and text_options:  # another tokenization is another cache (absent: older caches hold)
         text_key["text_options"] = text_options
+    captions = None
+    if text_key is not None and (hasattr(dataset, "attributes") or hasattr(dataset, "captions")):
+        # the captions themselves, where reading them decodes no image: a changed caption writer (the
+        # built-in shapes' wording) or an edited caption file is another cache, though the dataset's
+        # description is the same
+        captions = dataset_captions(dataset, n)
+        text_key["captions_sha256"] = hashlib.sha256("\n".join(captions).encode()).hexdigest()
     latent_file, text_file = folder / "latents.safetensors", folder / "text.safetensors"
 
     def build():
@@ -213,7 +230,8 @@ def prepare_cache(folder: str | Path, d: Dist, vae, vae_dir: str | Path, dataset
         if text_key is not None and not cache_is_current(text_file, text_key, "text"):
             t0 = time.perf_counter()
             encoder = load_text_encoder(text_key["text_encoder"], device, text_options)
-            text = encode_captions(encoder, dataset_captions(dataset, n), val_prompts, quiet)
+            text = encode_captions(encoder, dataset_captions(dataset, n) if captions is None else captions, val_prompts,
+                                   quiet)
             save_tensors(text, text_file, metadata={"ldm_cache": json.dumps(text_key)})
             print(f"train_unet: cached {len(text['tokens'])} distinct captions of {n} items, "
                   f"{tuple(text['tokens'].shape[1:])} tokens each, in {time.perf_counter() - t0:.0f} s",

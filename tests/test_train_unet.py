@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 from t2i_helpers import RESOLUTION, SHARED_LR, make_vae, shared_assets, train_flags
 
 import ldm.latent_cache as latent_cache
+from ldm.latent_cache import same_inputs
 import ldm.train_unet as train_unet
 import ldm.unet_training as training
 from ldm.distributed import Dist, weights_digest
@@ -114,7 +115,7 @@ def test_cache_holds_scaled_posterior_moments_and_each_caption_once(assets):
     n = 48
     assert latents["mean"].shape == latents["std"].shape == (n, 4, 4, 4) and latents["mean"].dtype == torch.float16
     vae, meta = load_vae(assets["vae"])
-    data = ShapesDataset(RESOLUTION)
+    data = ShapesDataset(RESOLUTION, captions=training.TrainConfig().captions)  # as train_unet words them
     x = torch.stack([data[i]["image"] for i in range(8)])
     vae.double()
     with torch.no_grad():
@@ -156,6 +157,35 @@ def test_cache_is_reused_and_rebuilt_when_the_vae_changes(assets, tmp_path):
     assert "reusing the text cache" in err
     rebuilt = load_file(tmp_path / "cache" / "latents.safetensors")["mean"]
     assert not torch.equal(rebuilt, load_file(assets["cache"] / "latents.safetensors")["mean"])
+
+
+def test_text_cache_is_rebuilt_when_the_captions_change(assets, tmp_path, monkeypatch):
+    """The dataset's description stays the same when its caption writer changes (a new wording): the
+    captions' digest in the text key rebuilds the text cache, and the latents are reused."""
+    shutil.copytree(assets["cache"], tmp_path / "cache")
+    flags = ["--text", "--text-encoder", assets["encoder"], "--cache-dir", tmp_path / "cache"]
+    written = ShapesDataset.caption
+    monkeypatch.setattr(ShapesDataset, "caption", lambda self, i, attrs=None: written(self, i, attrs) + " today")
+    rc, err = run(["--out", tmp_path / "reworded"] + flags + train_flags(assets["vae"], 1, SESSION_SEED % 1000))
+    assert rc == 0, err
+    assert "reusing the latent cache" in err and "building the text cache" in err
+    assert "(changed: captions_sha256)" in err
+    text = load_file(tmp_path / "cache" / "text.safetensors")
+    encoder = TextEncoder(assets["encoder"])
+    data = ShapesDataset(RESOLUTION, captions=training.TrainConfig().captions)
+    context, lengths = encoder.encode([data.caption(0)])
+    assert data.caption(0).endswith(" today") and int(text["lengths"][int(text["index"][0])]) == int(lengths[0])
+
+
+def test_checkpoints_without_a_captions_digest_still_match():
+    """Checkpoints written before the text key held the captions' digest resume on the same inputs."""
+    latents, text = {"vae_sha256": "a"}, {"text_encoder": "e", "images": 4}
+    now = {"latents": latents, "text": {**text, "captions_sha256": "d"}}
+    assert same_inputs({"latents": latents, "text": text}, now)
+    assert same_inputs({"latents": latents, "text": {**text, "captions_sha256": "d"}}, now)
+    assert not same_inputs({"latents": latents, "text": {**text, "captions_sha256": "other"}}, now)
+    assert not same_inputs({"latents": {"vae_sha256": "b"}, "text": text}, now)
+    assert not same_inputs({"latents": latents, "text": {**text, "images": 5}}, now)
 
 
 # ---------------------------------------------------------------- resume
