@@ -119,17 +119,15 @@ class UNetConfig:
 
 
 UNET_CONFIGS: dict[str, UNetConfig] = {
-    # The CPU demo (1.2M parameters): 8 x 8 latents of 32 x 32 images (train_unet sets in_channels to the
-    # VAE's), MiniLM text tokens (384 wide). Two levels, 8 x 8 and 4 x 4, cross-attention at both so the
-    # prompt can place things; the middle (4 x 4) gets ResBlocks only, attention there would repeat
-    # level 1's. Width 32, not 64: a third of the step time on the CPU, so 1500 steps fit the demo's
-    # minutes. The pooled prompt in every ResBlock: colour 74.5% vs 65% of samples after 800 steps
-    # (measured on the built-in shapes when the small ones were 7 px). 8 heads, 4 and 8 wide (why more
-    # heads help is a guess: each can attend to its own word). Shape+colour+position of 400 held-out
-    # prompts after the demo's 1500 steps (seeds 0 / 2): 2 heads 73.5 / 79.8%, 4 heads 87.2 / 85.2%,
-    # 8 heads 93.2 / 93.0% for 8% more step time; 16 heads: 89.0 / 91.5% for 27% more than 8. context_norm:
+    # The CPU demo (1.1M parameters): 8 x 8 latents of 32 x 32 images (train_unet sets in_channels to the
+    # VAE's), MiniLM text tokens (384 wide). Two levels, 8 x 8 and 4 x 4; cross-attention at 4 x 4 only: the
+    # attention over the 64 tokens of 8 x 8 took half of each step (181 -> 95 ms at batch 64, 2 threads), and
+    # twice the steps in the same time read better (docs/wording/NOTES.md section 5). The middle gets ResBlocks
+    # only. Width 32, not 64: a third of the step time on the CPU. The pooled prompt in every ResBlock: colour
+    # 74.5% vs 65% of samples after 800 steps (the 7-px shapes). 8 heads, 8 wide (with attention at both levels,
+    # 400 prompts, seeds 0 / 2: 4 heads 87.2 / 85.2%, 8 heads 93.2 / 93.0%, 16 heads 89.0 / 91.5%). context_norm:
     # docs/wording/NOTES.md (seeds 0 / 1: in-distribution 89.5 / 95.5% -> 93.0 / 97.5%).
-    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(0, 1),
+    "tiny": UNetConfig(model_channels=32, channel_mult=(1, 2), num_res_blocks=1, attention_levels=(1,),
                        mid_attention=False, num_heads=8, context_dim=384, pooled_context=True, context_norm=True),
     # A GPU model for 32 x 32 latents (256 x 256 images) with a CLIP-sized text encoder.
     "small": UNetConfig(model_channels=128, channel_mult=(1, 2, 4), num_res_blocks=2,

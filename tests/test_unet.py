@@ -198,7 +198,7 @@ def test_channels_last_gives_the_same_output_and_gradients(tiny, seed):
         model.zero_grad()
         out = model(x, t, **cond)
         out.square().mean().backward()
-        return out.detach(), x.grad, model.down[0].attn[0].proj_in.weight.grad.clone()
+        return out.detach(), x.grad, model.down[1].attn[0].proj_in.weight.grad.clone()
 
     ref = run(tiny, x)
     cl = tiny.to(memory_format=torch.channels_last)
@@ -345,7 +345,7 @@ def test_unet_triton_path_matches_torch(tiny):
     model = tiny
     x, t, cond = inputs(model.config, B=2, L=5)
     params = {n: p for n, p in model.named_parameters() if n in (
-        "conv_in.weight", "down.0.res.0.norm2.weight", "down.0.attn.0.blocks.0.attn2.kv.weight",
+        "conv_in.weight", "down.0.res.0.norm2.weight", "down.1.attn.0.blocks.0.attn2.kv.weight",
         "up.0.attn.1.norm.bias")}
     assert len(params) == 4
 

@@ -104,9 +104,11 @@ SECOND_SENTENCES = ((" nothing else is there.", " the shape is clear.", " one ob
 TRAIN, EVAL = 0, 1  # which part of each (train, eval) pair
 EVAL_SPLITS = ("in-distribution", "held-out wording", "held-out combinations", "noisy")
 TEMPLATE_SHARE = 0.25  # share of varied training captions that stay the dataset's plain template caption
-# chances of each optional extra in a varied training caption: why so often -- every extra is a kind of
-# word the model must learn to ignore, and each is rare enough that most captions stay short
-FILLER_P, STYLE_P, REQUEST_P, SECOND_P, SWAP_P, CAPS_P = 0.3, 0.2, 0.15, 0.15, 0.3, 0.1
+# chances of each optional extra in a varied training caption: every extra is a kind of word the model
+# must learn to ignore, and people's prompts often carry several at once -- with these a quarter of the
+# worded captions carry no style, request or second sentence and a third two or more (docs/wording/NOTES.md
+# section 5: at a third of these rates, prompts with two or three extras lost shape and colour)
+FILLER_P, STYLE_P, REQUEST_P, SECOND_P, SWAP_P, CAPS_P = 0.5, 0.4, 0.35, 0.35, 0.3, 0.1
 # "varied-drop" captions leave one of size, colour, position or background unsaid this often, so that no
 # attribute's drawing hangs on every other phrase being there
 DROP_P = 0.15
