@@ -111,7 +111,9 @@ def check_autograd(x, G, w, b, s, eps, silu, max_tile=gn.MAX_TILE, grads=(True, 
     # cancel (a two-element group's dx is zero but for eps), so dx's rounding error scales with the terms,
     # rstd * |g|, and the forward's conditioning (tol), not with dx itself
     g_max = dy.abs().max().item() * (1.0 if w is None else w.abs().max().item()) * (SILU_GRAD_MAX if silu else 1.0)
-    scales = {"dx": max(1.0, rstd.max().item() * g_max), "dshift": dshift_scale}
+    dx_scale = max(1.0, rstd.max().item() * g_max)
+    # dshift sums dx over the positions: never tighter than one dx element (one position: dshift is dx)
+    scales = {"dx": dx_scale, "dshift": max(dshift_scale or 1.0, dx_scale)}
     for name, t, ref in zip(("dx", "dweight", "dbias", "dshift"), leaves, grads_ref, strict=True):
         if t is not None and t.requires_grad:
             assert t.grad.dtype == t.dtype and t.grad.shape == t.shape
