@@ -183,6 +183,17 @@ def consistent(x: torch.Tensor, low: torch.Tensor, rounds: int = CONSISTENCY_ROU
     return x
 
 
+def composited(task: str, x: torch.Tensor, inputs: torch.Tensor, masks: torch.Tensor | None = None) -> torch.Tensor:
+    """``task``'s outputs x (B, 3, R, R) made to keep what their inputs fix: the masked tasks' kept pixels
+    pasted back from inputs (B, 3, R, R) where masks (B, 1, R, R) is 0; sr's outputs made to agree with the
+    low-res inputs (``consistent``); colorize's unchanged."""
+    if task in MASKED_TASKS:
+        return masks * x + (1 - masks) * inputs
+    if task == "sr":
+        return consistent(x, inputs)
+    return x
+
+
 def source(task: str, image: torch.Tensor, mask: torch.Tensor | None = None, resolution: int | None = None):
     """The pixel source and pixel mask of ``task``: image (B, 3, H, W) in [-1, 1] (for sr: the low-res
     image), mask (B, 1, H, W) 1 = draw (inpaint, outpaint). -> (source (B, 3, R, R), mask (B, 1, R, R))."""
@@ -346,11 +357,8 @@ def generate_task(pipe, task: str, images: torch.Tensor, masks: torch.Tensor | N
             z = sample_latents(model, pipe.schedule, pipe.prediction, noise, sigmas, sampler=sampler, cfg=cfg,
                                generator=torch.Generator(dev).manual_seed(seed + start), **extra)
         x = pipe.decode_latents(z.float()).cpu()  # (b, 3, R, R)
-        if composite and task in MASKED_TASKS:
-            m = mask[rows.cpu()]
-            x = m * x + (1 - m) * images[rows.cpu()].float()
-        if composite and task == "sr":
-            x = consistent(x, images[rows.cpu()].float())
+        if composite:
+            x = composited(task, x, images[rows.cpu()].float(), mask[rows.cpu()])
         out.append(x)
     return torch.cat(out)
 

@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.diffusion import Denoiser
+from ldm.image2image import composited
 from ldm.samplers import CFGDenoiser
 
 DEFAULT_RESAMPLE = 2  # passes per step; RePaint used 10 on 250 steps (and 4.5x the time): 2 keeps it cheap
@@ -90,7 +91,6 @@ def repaint(pipe, images: torch.Tensor, masks: torch.Tensor, prompts: list[str] 
             z = repaint_latents(denoiser, known[rows], m[rows], noise, sigmas, extra, gen, resample)
         x = pipe.decode_latents(z.float()).cpu()
         if composite:
-            mk = masks[rows.cpu()].float()
-            x = mk * x + (1 - mk) * images[rows.cpu()].float()
+            x = composited("inpaint", x, images[rows.cpu()].float(), masks[rows.cpu()].float())
         out.append(x)
     return torch.cat(out)
