@@ -21,7 +21,6 @@ from safetensors.torch import load_file
 from t2i_helpers import RESOLUTION, SHARED_LR, make_vae, shared_assets, train_flags
 
 import ldm.latent_cache as latent_cache
-from ldm.latent_cache import same_inputs
 import ldm.train_unet as train_unet
 import ldm.unet_training as training
 from ldm.distributed import Dist, weights_digest
@@ -181,11 +180,11 @@ def test_checkpoints_without_a_captions_digest_still_match():
     """Checkpoints written before the text key held the captions' digest resume on the same inputs."""
     latents, text = {"vae_sha256": "a"}, {"text_encoder": "e", "images": 4}
     now = {"latents": latents, "text": {**text, "captions_sha256": "d"}}
-    assert same_inputs({"latents": latents, "text": text}, now)
-    assert same_inputs({"latents": latents, "text": {**text, "captions_sha256": "d"}}, now)
-    assert not same_inputs({"latents": latents, "text": {**text, "captions_sha256": "other"}}, now)
-    assert not same_inputs({"latents": {"vae_sha256": "b"}, "text": text}, now)
-    assert not same_inputs({"latents": latents, "text": {**text, "images": 5}}, now)
+    assert latent_cache.same_inputs({"latents": latents, "text": text}, now)
+    assert latent_cache.same_inputs({"latents": latents, "text": {**text, "captions_sha256": "d"}}, now)
+    assert not latent_cache.same_inputs({"latents": latents, "text": {**text, "captions_sha256": "other"}}, now)
+    assert not latent_cache.same_inputs({"latents": {"vae_sha256": "b"}, "text": text}, now)
+    assert not latent_cache.same_inputs({"latents": latents, "text": {**text, "images": 5}}, now)
 
 
 # ---------------------------------------------------------------- resume
